@@ -1,0 +1,811 @@
+/* memprof-limits sampler: exact per-thread allocation accounting, geometric
+ * sampling and lock-free interrupt arming, hooked into CPython's allocators.
+ *
+ * The problem
+ * -----------
+ * We want (1) the exact number of bytes each thread requests through the
+ * PyMem/PyObject allocators, to implement deterministic allocation limits;
+ * (2) regular, statistically unbiased "samples" of the allocation stream, at
+ * which the global memory limit is checked and the profiler records a
+ * traceback; (3) a way to interrupt the allocating thread with an
+ * asynchronous exception at the next bytecode boundary -- all at a cost close
+ * to zero when nothing happens.
+ *
+ * What does not work, and why
+ * ---------------------------
+ * - Calling the C API from a hook.  Hooks run with CPython in any state; in
+ *   particular _PyThread_CurrentFrames (sys._current_frames) allocates while
+ *   holding HEAD_LOCK, and PyThreadState_SetAsyncExc takes HEAD_LOCK: a hook
+ *   that calls it deadlocks (tests/native/test_sampler.py reproduces it with
+ *   a budget of 0).  So hooks never call into the interpreter, never allocate
+ *   through PyMem, never raise.
+ * - Counting in the hook with a lock or a hash table (tracemalloc): 150-200 ns
+ *   per allocation.  We only subtract from a thread-local countdown.
+ * - Hooking free: not needed (limits count allocations, not live bytes), so
+ *   the installed free is the original one and frees cost nothing extra.
+ * - Headers in front of blocks: impossible for a library installed after
+ *   start-up (blocks allocated before would be freed through the wrong path).
+ *
+ * The solution
+ * ------------
+ * Per thread (initial-exec TLS, one `sub` and one `js` on the fast path):
+ *     countdown = min(next_sample, budget_end) - allocated
+ * Every hooked allocation of n bytes does `countdown -= n`; only when it goes
+ * below zero does slow_path() run: it records the samples that fell into the
+ * allocation (geometric gaps of mean 1/rate bytes, per-thread seeded RNG),
+ * notices the end of the allocation budget, reads the RSS for the global
+ * limit (at most once per 1/DEFAULT_RATE bytes), and, when an interrupt is
+ * wanted and the thread is not masked, arms it on the *current* thread
+ * without taking any lock (arm_current_thread, the one version-specific
+ * place).  Exact count at any time: consumed + period - countdown.
+ *
+ * RAW hooks run without the GIL: they count (with a per-thread reentrancy
+ * guard so that pymalloc's fall-back to RAW for blocks > 512 bytes is not
+ * counted twice) but never arm; they make the next allocation of any domain
+ * take the slow path again, and the next MEM/OBJ allocation (GIL held) arms.
+ *
+ * The installed allocators keep the original ctx, and the state lives in
+ * globals: a torn read of (function, ctx) during installation is harmless
+ * (CPython readers take no lock; gh-128679).
+ *
+ * Known failure cases
+ * -------------------
+ * - Freelists (floats, tuples, small lists, frames on the data stack) bypass
+ *   the allocators: such allocations are invisible, and a loop that does not
+ *   allocate is never stopped by an allocation limit (tokens handle it).
+ * - realloc counts the new size (the old size is unknown): "bytes requested".
+ * - Sub-interpreters with their own GIL (3.12+) are not supported.
+ * - A thread still inside a hook when stop() restores the allocators keeps
+ *   running our code for a few instructions; the code is never unloaded.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "sampler.h"
+
+#if PY_VERSION_HEX < 0x030B0000 || PY_VERSION_HEX >= 0x030E0000
+#error "memprof-limits supports CPython 3.11 to 3.13"
+#endif
+#ifdef Py_GIL_DISABLED
+#error "free-threaded CPython is not supported: arming relies on the GIL"
+#endif
+
+#if PY_VERSION_HEX < 0x030C0000
+/* 3.12's single-object exception API, for 3.11. */
+static PyObject *PyErr_GetRaisedException(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) return NULL;
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL) PyException_SetTraceback(value, tb);
+    Py_DECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+static void PyErr_SetRaisedException(PyObject *exc)
+{
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+}
+#endif
+
+#define ML_TLS __thread __attribute__((tls_model("initial-exec")))
+#define ML_NO_BUDGET INT64_MAX
+#define ML_DEFAULT_RATE (1.0 / 80000.0)
+
+/* ------------------------------------------------------------------------ */
+/* Per-thread state.  Thread-local: only the owner thread reads or writes it,
+ * except ml_start(), which resets the counters of registered threads while
+ * the hooks are not installed (holding g_registry_lock). */
+typedef struct ml_tls {
+    int64_t countdown;      /* bytes until the slow path; the only hot field */
+    int64_t period;         /* countdown when it was last set */
+    int64_t consumed;       /* bytes counted before the current period */
+    int64_t next_sample;    /* byte position of the next sample */
+    int64_t budget_end;     /* allocation budget end, or ML_NO_BUDGET */
+    int64_t samples;        /* samples taken since start */
+    int64_t last_rss_check; /* byte position of the last RSS read */
+    uint64_t rng;           /* xorshift64* state */
+    uint64_t epoch;         /* g_epoch when the RNG was seeded; 0: reseed */
+    ml_ctl_t *ctl;          /* owned by Python; see ml_set_ctl */
+    int64_t *rec_buf;       /* sample positions recorded for tests (Python-owned) */
+    int64_t rec_len, rec_n;
+    struct ml_tls *next, *prev; /* registry links, protected by g_registry_lock */
+    int32_t reentrant;      /* > 0 inside an OBJ/MEM hook's call to the original */
+    int32_t state;          /* 0 unregistered, 1 registered, 2 thread exited */
+} ml_tls_t;
+
+static ML_TLS ml_tls_t T;
+
+/* ------------------------------------------------------------------------ */
+/* Globals.  Written only by ml_start/ml_stop/ml_set_* with the GIL held (and
+ * g_lock for start/stop); read by hooks, which tolerate stale values. */
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER; /* start/stop */
+static PyMemAllocatorEx g_orig_raw, g_orig_mem, g_orig_obj; /* set before install */
+static PyMemAllocatorEx g_hook_raw, g_hook_mem, g_hook_obj;
+static volatile int g_started;            /* GIL + g_lock */
+static volatile double g_rate = ML_DEFAULT_RATE;
+static volatile double g_log1m_rate;      /* log1p(-g_rate) */
+static volatile uint64_t g_seed;
+static volatile uint64_t g_epoch;         /* bumped by every ml_start */
+static uint64_t g_thread_ordinal;         /* atomic: seeds of new threads */
+static volatile int64_t g_global_limit;   /* bytes; <= 0: none */
+static int64_t g_rss_interval = 80000;    /* bytes between RSS reads per thread */
+static int g_statm_fd = -1;               /* opened once, never closed */
+static long g_page_size = 4096;
+static int64_t g_peak_rss;                /* atomic max */
+static int64_t g_rss_reads;               /* atomic */
+
+/* Exception classes armed by the hook, one per reason; strong references set
+ * once with the GIL by ml_set_classes and never released. */
+static PyObject *g_exc_memory, *g_exc_allocations, *g_exc_token, *g_exc_base;
+static PyObject *g_flush;      /* a Python no-op: delivers an armed exception */
+static PyObject *g_ensure_ctl; /* Python: gives the current thread a ctl */
+
+/* Registry of threads that allocated since the first start, so that ml_start
+ * can reset their counters.  Protected by g_registry_lock. */
+static pthread_mutex_t g_registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static ml_tls_t *g_registry;
+static pthread_key_t g_exit_key;          /* its destructor unregisters */
+static pthread_once_t g_once = PTHREAD_ONCE_INIT;
+
+/* ------------------------------------------------------------------------ */
+/* Random numbers: splitmix64 to seed, xorshift64* to draw. */
+static uint64_t splitmix64(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static int64_t draw_gap(ml_tls_t *t)
+{
+    /* Geometric number of bytes up to and including the next sampled one:
+     * each byte is sampled independently with probability g_rate. */
+    uint64_t x = t->rng;
+    x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+    t->rng = x;
+    double u = (double)(((x * 0x2545F4914F6CDD1Dull) >> 11) + 1) * (1.0 / 9007199254740992.0);
+    double lr = g_log1m_rate;
+    if (lr >= 0.0 || lr == -INFINITY) return 1;            /* rate >= 1 */
+    double g = floor(log(u) / lr) + 1.0;                      /* u in (0, 1] */
+    return g > 4e18 ? (int64_t)4e18 : (int64_t)g;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Registry of threads. */
+static void thread_exit(void *arg)
+{
+    ml_tls_t *t = (ml_tls_t *)arg;
+    pthread_mutex_lock(&g_registry_lock);
+    if (t->state == 1) {
+        if (t->prev) t->prev->next = t->next; else g_registry = t->next;
+        if (t->next) t->next->prev = t->prev;
+    }
+    t->state = 2;
+    t->ctl = NULL;
+    t->rec_buf = NULL;
+    pthread_mutex_unlock(&g_registry_lock);
+}
+
+static void atfork_child(void)
+{
+    /* Only the forking thread survives: forget the others. */
+    pthread_mutex_init(&g_registry_lock, NULL);
+    pthread_mutex_init(&g_lock, NULL);
+    g_registry = NULL;
+    if (T.state == 1) {
+        T.next = T.prev = NULL;
+        g_registry = &T;
+    }
+}
+
+static void once_init(void)
+{
+    pthread_key_create(&g_exit_key, thread_exit);
+    pthread_atfork(NULL, NULL, atfork_child);
+    g_page_size = sysconf(_SC_PAGESIZE);
+    g_statm_fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+}
+
+/* Seed the RNG and place the first sample, relative to the current count. */
+static void reseed(ml_tls_t *t, int64_t allocated)
+{
+    uint64_t ordinal = __atomic_fetch_add(&g_thread_ordinal, 1, __ATOMIC_RELAXED);
+    t->rng = splitmix64(g_seed ^ splitmix64(ordinal + 1)) | 1;
+    t->next_sample = allocated + draw_gap(t) - 1;
+    t->epoch = g_epoch;
+}
+
+static void ensure_registered(ml_tls_t *t)
+{
+    if (t->state != 0) return;
+    pthread_mutex_lock(&g_registry_lock);
+    t->prev = NULL;
+    t->next = g_registry;
+    if (g_registry) g_registry->prev = t;
+    g_registry = t;
+    t->state = 1;
+    pthread_mutex_unlock(&g_registry_lock);
+    pthread_setspecific(g_exit_key, t);
+}
+
+static inline int64_t allocated_now(const ml_tls_t *t)
+{
+    return t->consumed + t->period - t->countdown;
+}
+
+/* Recompute the countdown to the next event; `allocated` becomes `consumed`. */
+static inline void reset_countdown(ml_tls_t *t, int64_t allocated)
+{
+    int64_t target = t->next_sample < t->budget_end ? t->next_sample : t->budget_end;
+    t->consumed = allocated;
+    t->period = target - allocated;
+    t->countdown = t->period;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Resident memory, read with pread on a kept-open /proc/self/statm (~1 us);
+ * no allocation, usable from hooks. */
+static int64_t read_rss(void)
+{
+    char buf[128];
+    if (g_statm_fd < 0) return -1;
+    ssize_t n = pread(g_statm_fd, buf, sizeof buf - 1, 0);
+    if (n <= 0) return -1;
+    buf[n] = 0;
+    char *p = buf;
+    while (*p && *p != ' ') p++;           /* skip "size" */
+    int64_t pages = 0;
+    while (*p == ' ') p++;
+    while (*p >= '0' && *p <= '9') pages = pages * 10 + (*p++ - '0');
+    int64_t rss = pages * g_page_size;
+    __atomic_fetch_add(&g_rss_reads, 1, __ATOMIC_RELAXED);
+    int64_t peak = __atomic_load_n(&g_peak_rss, __ATOMIC_RELAXED);
+    while (rss > peak &&
+           !__atomic_compare_exchange_n(&g_peak_rss, &peak, rss, 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+    return rss;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Arming an interrupt on the current thread without locks.  THE ONE PLACE
+ * THAT DEPENDS ON CPYTHON INTERNALS.  Called with the GIL held (MEM/OBJ hooks
+ * or the trampolines below), for the current thread only, so nothing else can
+ * write tstate->async_exc concurrently (PyThreadState_SetAsyncExc needs the
+ * GIL).  The exception is delivered at the next eval-breaker check exactly as
+ * if another thread had called PyThreadState_SetAsyncExc:
+ *  - 3.11, 3.12: tstate->async_exc, then _PyEval_SignalAsyncExc(interp)
+ *    (exported, Include/internal/pycore_ceval.h), which sets the
+ *    interpreter-wide pending.async_exc and eval_breaker flags;
+ *  - 3.13: tstate->async_exc, then the per-thread eval_breaker bit
+ *    _PY_ASYNC_EXCEPTION_BIT (1 << 3, Include/internal/pycore_ceval.h),
+ *    set atomically as _Py_set_eval_breaker_bit does. */
+#if PY_VERSION_HEX < 0x030D0000
+PyAPI_FUNC(void) _PyEval_SignalAsyncExc(PyInterpreterState *interp);
+#define ML_ASYNC_EXCEPTION_BIT ((uintptr_t)1 << 3)
+#endif
+
+static PyObject *class_for(int64_t pending)
+{
+    if (pending & ML_REASON_MEMORY) return g_exc_memory;
+    if (pending & ML_REASON_ALLOCATIONS) return g_exc_allocations;
+    return g_exc_token;
+}
+
+static void arm_current_thread(ml_ctl_t *ctl, int64_t pending)
+{
+    PyObject *cls = class_for(pending);
+    if (cls == NULL) return;
+#if PY_VERSION_HEX >= 0x030D0000
+    PyThreadState *ts = PyThreadState_GetUnchecked();
+    if (ts == NULL) return;
+    if (ts->async_exc == NULL) {
+        Py_INCREF(cls);
+        __atomic_store_n(&ts->async_exc, cls, __ATOMIC_SEQ_CST);
+    }
+    __atomic_fetch_or(&ts->eval_breaker, (uintptr_t)1 << 3, __ATOMIC_SEQ_CST);
+#else
+    PyThreadState *ts = _PyThreadState_UncheckedGet();
+    if (ts == NULL) return;
+    if (ts->async_exc == NULL) {
+        Py_INCREF(cls);
+        ts->async_exc = cls;
+    }
+    _PyEval_SignalAsyncExc(ts->interp);
+#endif
+    ctl->arms++;
+}
+
+/* ------------------------------------------------------------------------ */
+/* The slow path: runs when the countdown went below zero. */
+static void __attribute__((noinline)) slow_path(int64_t n, int gil_held)
+{
+    ml_tls_t *t = &T;
+    if (t->state != 1) {
+        if (t->state == 2 || !g_started) {       /* exiting thread, or stopping */
+            t->countdown = t->period = INT64_MAX / 4;
+            t->consumed = 0;
+            return;
+        }
+        ensure_registered(t);
+    }
+    int64_t allocated = allocated_now(t);
+    if (t->epoch != g_epoch) reseed(t, allocated - n);
+    int sampled = 0;
+    while (t->next_sample < allocated) {
+        sampled++;
+        t->samples++;
+        if (t->rec_buf && t->rec_n < t->rec_len) t->rec_buf[t->rec_n++] = t->next_sample;
+        t->next_sample += draw_gap(t);
+    }
+    ml_ctl_t *ctl = t->ctl;
+    if (allocated > t->budget_end) {
+        t->budget_end = ML_NO_BUDGET;
+        if (ctl) __atomic_fetch_or(&ctl->pending, ML_REASON_ALLOCATIONS, __ATOMIC_SEQ_CST);
+    }
+    if (sampled && ctl && ctl->watch_global > 0 && g_global_limit > 0 &&
+        allocated - t->last_rss_check >= g_rss_interval) {
+        t->last_rss_check = allocated;
+        if (read_rss() > g_global_limit)
+            __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
+    }
+    reset_countdown(t, allocated);
+    if (ctl && ctl->active > 0) {
+        int64_t pending = __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST);
+        if (pending) {
+            if (ctl->mask_depth > 0) {
+                ctl->deferred++;
+            } else if (gil_held) {
+                arm_current_thread(ctl, pending);
+            } else {
+                /* RAW hook: no GIL.  Come back at the next allocation. */
+                t->period = t->countdown = 0;
+            }
+        }
+    }
+}
+
+#define ML_COUNT(n, gil)                                          \
+    do {                                                          \
+        if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0)) \
+            slow_path((int64_t)(n), gil);                                       \
+    } while (0)
+
+/* ------------------------------------------------------------------------ */
+/* Hooks.  ctx is the original allocator's ctx (see header comment). */
+static void *h_obj_malloc(void *ctx, size_t n)
+{
+    T.reentrant++;
+    void *p = g_orig_obj.malloc(ctx, n);
+    T.reentrant--;
+    if (p) ML_COUNT(n, 1);
+    return p;
+}
+static void *h_obj_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    T.reentrant++;
+    void *p = g_orig_obj.calloc(ctx, nelem, elsize);
+    T.reentrant--;
+    if (p) ML_COUNT(nelem * elsize, 1);
+    return p;
+}
+static void *h_obj_realloc(void *ctx, void *ptr, size_t n)
+{
+    T.reentrant++;
+    void *p = g_orig_obj.realloc(ctx, ptr, n);
+    T.reentrant--;
+    if (p) ML_COUNT(n, 1);
+    return p;
+}
+static void *h_mem_malloc(void *ctx, size_t n)
+{
+    T.reentrant++;
+    void *p = g_orig_mem.malloc(ctx, n);
+    T.reentrant--;
+    if (p) ML_COUNT(n, 1);
+    return p;
+}
+static void *h_mem_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    T.reentrant++;
+    void *p = g_orig_mem.calloc(ctx, nelem, elsize);
+    T.reentrant--;
+    if (p) ML_COUNT(nelem * elsize, 1);
+    return p;
+}
+static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
+{
+    T.reentrant++;
+    void *p = g_orig_mem.realloc(ctx, ptr, n);
+    T.reentrant--;
+    if (p) ML_COUNT(n, 1);
+    return p;
+}
+static void *h_raw_malloc(void *ctx, size_t n)
+{
+    void *p = g_orig_raw.malloc(ctx, n);
+    if (p && !T.reentrant) ML_COUNT(n, 0);
+    return p;
+}
+static void *h_raw_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    void *p = g_orig_raw.calloc(ctx, nelem, elsize);
+    if (p && !T.reentrant) ML_COUNT(nelem * elsize, 0);
+    return p;
+}
+static void *h_raw_realloc(void *ctx, void *ptr, size_t n)
+{
+    void *p = g_orig_raw.realloc(ctx, ptr, n);
+    if (p && !T.reentrant) ML_COUNT(n, 0);
+    return p;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Life cycle. */
+static int set_rate_unlocked(double rate)
+{
+    if (!(rate > 0.0 && rate <= 1.0)) return ML_ERR_RATE;
+    g_rate = rate;
+    g_log1m_rate = rate >= 1.0 ? -INFINITY : log1p(-rate);
+    return ML_OK;
+}
+
+static void reset_registered_threads(void)
+{
+    pthread_mutex_lock(&g_registry_lock);
+    for (ml_tls_t *t = g_registry; t; t = t->next) {
+        t->countdown = t->period = t->consumed = 0;
+        t->samples = 0;
+        t->last_rss_check = 0;
+        t->budget_end = ML_NO_BUDGET;
+        t->epoch = 0;
+    }
+    pthread_mutex_unlock(&g_registry_lock);
+}
+
+int ml_start(double sampling_rate, uint64_t seed)
+{
+    int rc = ML_OK;
+    pthread_once(&g_once, once_init);
+    PyGILState_STATE gs = PyGILState_Ensure();
+    pthread_mutex_lock(&g_lock);
+    if (g_started) { rc = ML_ERR_ALREADY_STARTED; goto out; }
+    if ((rc = set_rate_unlocked(sampling_rate)) != ML_OK) goto out;
+    g_seed = seed;
+    g_epoch++;
+    __atomic_store_n(&g_thread_ordinal, 0, __ATOMIC_RELAXED);
+    reset_registered_threads();
+    /* The calling thread is thread 0 of the new epoch: reproducible samples. */
+    ensure_registered(&T);
+    T.countdown = T.period = T.consumed = 0;
+    T.budget_end = ML_NO_BUDGET;
+    reseed(&T, 0);
+    reset_countdown(&T, 0);
+
+    PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &g_orig_raw);
+    PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &g_orig_mem);
+    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &g_orig_obj);
+    g_hook_raw = (PyMemAllocatorEx){g_orig_raw.ctx, h_raw_malloc, h_raw_calloc, h_raw_realloc,
+                                    g_orig_raw.free};
+    g_hook_mem = (PyMemAllocatorEx){g_orig_mem.ctx, h_mem_malloc, h_mem_calloc, h_mem_realloc,
+                                    g_orig_mem.free};
+    g_hook_obj = (PyMemAllocatorEx){g_orig_obj.ctx, h_obj_malloc, h_obj_calloc, h_obj_realloc,
+                                    g_orig_obj.free};
+    g_started = 1;
+    PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &g_hook_raw);
+    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_hook_mem);
+    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_hook_obj);
+out:
+    pthread_mutex_unlock(&g_lock);
+    PyGILState_Release(gs);
+    return rc;
+}
+
+int ml_stop(void)
+{
+    int rc = ML_OK;
+    PyMemAllocatorEx cur[3];
+    PyGILState_STATE gs = PyGILState_Ensure();
+    pthread_mutex_lock(&g_lock);
+    if (!g_started) { rc = ML_ERR_NOT_STARTED; goto out; }
+    PyMem_GetAllocator(PYMEM_DOMAIN_RAW, &cur[0]);
+    PyMem_GetAllocator(PYMEM_DOMAIN_MEM, &cur[1]);
+    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &cur[2]);
+    if (cur[0].malloc != h_raw_malloc || cur[1].malloc != h_mem_malloc ||
+        cur[2].malloc != h_obj_malloc) {
+        rc = ML_ERR_NOT_ON_TOP;
+        goto out;
+    }
+    PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &g_orig_raw);
+    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_orig_mem);
+    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_orig_obj);
+    g_started = 0;
+out:
+    pthread_mutex_unlock(&g_lock);
+    PyGILState_Release(gs);
+    return rc;
+}
+
+int ml_is_started(void) { return g_started; }
+double ml_sampling_rate(void) { return g_rate; }
+
+int ml_set_sampling_rate(double rate)
+{
+    /* Threads pick the new rate up at their next sample. */
+    PyGILState_STATE gs = PyGILState_Ensure();
+    pthread_mutex_lock(&g_lock);
+    int rc = set_rate_unlocked(rate);
+    pthread_mutex_unlock(&g_lock);
+    PyGILState_Release(gs);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Current-thread accessors (no GIL needed: they touch only our TLS). */
+static void ensure_live(ml_tls_t *t)
+{
+    pthread_once(&g_once, once_init);
+    if (t->state == 0 && g_started) ensure_registered(t);
+    if (t->state == 1 && t->epoch != g_epoch && g_started) {
+        reseed(t, allocated_now(t));
+        reset_countdown(t, allocated_now(t));
+    }
+}
+
+int64_t ml_allocated(void)
+{
+    ensure_live(&T);
+    return T.state == 1 ? allocated_now(&T) : 0;
+}
+
+int64_t ml_samples(void) { return T.samples; }
+
+void ml_set_budget_end(int64_t end)
+{
+    ensure_live(&T);
+    T.budget_end = end;
+    if (T.state == 1) reset_countdown(&T, allocated_now(&T));
+}
+
+int64_t ml_budget_end(void) { return T.budget_end; }
+
+void ml_set_ctl(ml_ctl_t *ctl) { T.ctl = ctl; }
+ml_ctl_t *ml_get_ctl(void) { return T.ctl; }
+void ml_detach_ctl(ml_ctl_t *ctl)
+{
+    if (T.ctl == ctl) T.ctl = NULL;
+}
+void ml_ctl_add_pending(ml_ctl_t *ctl, int64_t bits)
+{
+    __atomic_fetch_or(&ctl->pending, bits, __ATOMIC_SEQ_CST);
+}
+void ml_ctl_clear_pending(ml_ctl_t *ctl, int64_t bits)
+{
+    __atomic_fetch_and(&ctl->pending, ~bits, __ATOMIC_SEQ_CST);
+}
+
+void ml_set_global_limit(int64_t bytes) { g_global_limit = bytes; }
+int64_t ml_global_limit(void) { return g_global_limit; }
+int64_t ml_rss(void)
+{
+    pthread_once(&g_once, once_init);
+    return read_rss();
+}
+int64_t ml_peak_rss(void) { return __atomic_load_n(&g_peak_rss, __ATOMIC_RELAXED); }
+void ml_reset_peak_rss(void) { __atomic_store_n(&g_peak_rss, 0, __ATOMIC_RELAXED); }
+int64_t ml_rss_reads(void) { return __atomic_load_n(&g_rss_reads, __ATOMIC_RELAXED); }
+
+void ml_record_samples(int64_t *buf, int64_t n)
+{
+    T.rec_buf = buf;
+    T.rec_len = buf ? n : 0;
+    T.rec_n = 0;
+}
+int64_t ml_recorded_samples(void) { return T.rec_n; }
+
+/* ------------------------------------------------------------------------ */
+/* [GIL] functions, called through ctypes.PyDLL so that the GIL stays held:
+ * each is atomic with respect to the bytecode of every thread. */
+
+PyAPI_FUNC(int) ml_set_classes(PyObject *base, PyObject *memory, PyObject *allocations,
+                               PyObject *token, PyObject *flush, PyObject *ensure_ctl)
+{
+    Py_INCREF(base); Py_INCREF(memory); Py_INCREF(allocations); Py_INCREF(token);
+    Py_INCREF(flush); Py_INCREF(ensure_ctl);
+    g_ensure_ctl = ensure_ctl;
+    g_exc_base = base;
+    g_exc_memory = memory;
+    g_exc_allocations = allocations;
+    g_exc_token = token;
+    g_flush = flush;
+    return 0;
+}
+
+/* Arm ctl's thread if an interrupt is pending, a task is active and the
+ * thread is not masked.  Returns 1 if armed.  The check and the arming happen
+ * under the GIL, so the target cannot enter a masked region in between. */
+PyAPI_FUNC(int) ml_arm(ml_ctl_t *ctl)
+{
+    if (ctl == NULL || ctl->active <= 0) return 0;
+    int64_t pending = __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST);
+    if (!pending) return 0;
+    if (ctl->mask_depth > 0) {
+        ctl->deferred++;
+        return 0;
+    }
+    if (PyThreadState_SetAsyncExc(ctl->thread_id, class_for(pending)) != 1) return 0;
+    ctl->arms++;
+    return 1;
+}
+
+/* Enter a masked region on the current thread: raise the mask depth, then
+ * deliver and swallow any interrupt armed before (it is sticky: its reason is
+ * still pending and comes back at unmask).  Another exception raised there (a
+ * KeyboardInterrupt from a signal handler) is stored in *other. */
+static void mask_enter(ml_ctl_t *ctl, PyObject **other)
+{
+    ctl->mask_depth++;
+    PyObject *r = PyObject_CallNoArgs(g_flush);
+    if (r != NULL) {
+        Py_DECREF(r);
+        return;
+    }
+    if (g_exc_base && PyErr_ExceptionMatches(g_exc_base)) {
+        PyErr_Clear();
+        ctl->deferred++;
+        return;
+    }
+    if (other) {
+        *other = PyErr_GetRaisedException();
+    } else {
+        PyErr_Clear();
+    }
+}
+
+/* Leave it; re-arm the interrupt if one is pending (deferred delivery). */
+static void mask_exit(ml_ctl_t *ctl)
+{
+    ctl->mask_depth--;
+    if (ctl->mask_depth == 0 && ctl->active > 0 &&
+        __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST))
+        arm_current_thread(ctl, __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST));
+}
+
+/* The current thread's ctl, created by Python if needed.  While a thread has
+ * no ctl it runs no task, so nothing can interrupt it before this returns. */
+static ml_ctl_t *current_ctl(void)
+{
+    if (T.ctl == NULL && g_ensure_ctl != NULL) {
+        PyObject *r = PyObject_CallNoArgs(g_ensure_ctl);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    if (T.ctl == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_SystemError, "memprof_limits: no control block for this thread");
+    return T.ctl;
+}
+
+/* fn(*args) masked.  If something other than our interrupt arrives while
+ * entering the mask (a KeyboardInterrupt from a signal handler), it is raised
+ * instead of calling fn when `is_enter` (nothing was acquired yet), and after
+ * calling fn otherwise (an __exit__ must run). */
+static PyObject *masked_call(PyObject *fn, PyObject *args, int is_enter)
+{
+    ml_ctl_t *ctl = current_ctl();
+    if (ctl == NULL) return NULL;
+    PyObject *other = NULL, *r = NULL;
+    mask_enter(ctl, &other);
+    if (other == NULL || !is_enter) r = PyObject_Call(fn, args, NULL);
+    mask_exit(ctl);
+    if (other != NULL) {
+        if (r == NULL) {
+            PyObject *exc = PyErr_GetRaisedException();
+            PyException_SetContext(exc, other);
+            PyErr_SetRaisedException(exc);
+        } else {
+            Py_DECREF(r);
+            r = NULL;
+            PyErr_SetRaisedException(other);
+        }
+    }
+    return r;
+}
+
+PyAPI_FUNC(PyObject *) ml_masked_call(PyObject *fn, PyObject *args)
+{
+    return masked_call(fn, args, 1);
+}
+
+/* acquire() masked -> r; body(r) with the caller's mask state -> v or
+ * exception e; release(r, v, e) masked -> result.  release runs iff acquire
+ * returned.  All the sequencing happens in C: no bytecode boundary (hence no
+ * delivery point) between the three calls. */
+PyAPI_FUNC(PyObject *) ml_bracket(PyObject *acquire, PyObject *body, PyObject *release)
+{
+    ml_ctl_t *ctl = current_ctl();
+    PyObject *r, *v, *exc = NULL, *other = NULL, *result;
+    if (ctl == NULL) return NULL;
+    mask_enter(ctl, &other);
+    if (other != NULL) {
+        mask_exit(ctl);
+        PyErr_SetRaisedException(other);
+        return NULL;
+    }
+    r = PyObject_CallNoArgs(acquire);
+    if (r == NULL) {
+        mask_exit(ctl);
+        return NULL;
+    }
+    /* body runs with the caller's masking state (masked if nested in a
+     * masked region).  Leaving the mask re-arms a deferred interrupt, which
+     * then lands at body's first instruction, inside the bracket. */
+    mask_exit(ctl);
+    v = PyObject_CallOneArg(body, r);
+    if (v == NULL) exc = PyErr_GetRaisedException();
+
+    mask_enter(ctl, &other);
+    if (other != NULL) {
+        /* Something else arrived right at the end of body: it is body's. */
+        if (exc) PyException_SetContext(other, exc);
+        Py_CLEAR(v);
+        exc = other;
+    }
+    result = PyObject_CallFunctionObjArgs(release, r, v ? v : Py_None, exc ? exc : Py_None,
+                                          NULL);
+    Py_DECREF(r);
+    Py_XDECREF(v);
+    Py_XDECREF(exc);
+    mask_exit(ctl);
+    return result;
+}
+
+/* Context-manager trampolines: `__enter__ = instancemethod(ml_tramp_enter)`
+ * runs self._ml_enter() masked, `__exit__` runs self._ml_exit(et, ev, tb)
+ * masked.  Being C functions, they are entered without a bytecode boundary:
+ * an interrupt armed during the with-body cannot land between the with
+ * statement and the masked region (it is flushed by mask_enter). */
+PyAPI_FUNC(PyObject *) ml_tramp_enter(PyObject *self)
+{
+    PyObject *name = PyUnicode_InternFromString("_ml_enter");
+    if (name == NULL) return NULL;
+    PyObject *fn = PyObject_GetAttr(self, name);
+    Py_DECREF(name);
+    if (fn == NULL) return NULL;
+    PyObject *args = PyTuple_New(0);
+    PyObject *r = args ? masked_call(fn, args, 1) : NULL;
+    Py_XDECREF(args);
+    Py_DECREF(fn);
+    return r;
+}
+
+PyAPI_FUNC(PyObject *) ml_tramp_exit(PyObject *self, PyObject *et, PyObject *ev, PyObject *tb)
+{
+    PyObject *name = PyUnicode_InternFromString("_ml_exit");
+    if (name == NULL) return NULL;
+    PyObject *fn = PyObject_GetAttr(self, name);
+    Py_DECREF(name);
+    if (fn == NULL) return NULL;
+    PyObject *args = PyTuple_Pack(3, et, ev, tb);
+    PyObject *r = args ? masked_call(fn, args, 0) : NULL;
+    Py_XDECREF(args);
+    Py_DECREF(fn);
+    return r;
+}
+
+/* Is an asynchronous exception armed on the current thread?  (Tests.) */
+PyAPI_FUNC(int) ml_async_exc_armed(void)
+{
+    PyThreadState *ts = PyThreadState_Get();
+    return ts->async_exc != NULL;
+}

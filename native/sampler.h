@@ -1,0 +1,80 @@
+/* The C API of the memprof-limits sampler, as seen by Python through cffi.
+ *
+ * build_ffi.py feeds the part between the CDEF markers to ffi.cdef(), so it
+ * must stay plain C declarations (no #include, no macros with arguments).
+ * Functions marked [GIL] must be called with the GIL held: Python reaches them
+ * through ctypes.PyDLL (cffi releases the GIL around its calls). All others
+ * are called through cffi and do not need the GIL.
+ */
+#ifndef MEMPROF_LIMITS_SAMPLER_H
+#define MEMPROF_LIMITS_SAMPLER_H
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+
+/* Reasons for an interrupt, as bits of ml_ctl_t.pending. */
+#define ML_REASON_MEMORY 1
+#define ML_REASON_ALLOCATIONS 2
+#define ML_REASON_TOKEN 4
+
+/* Errors returned by ml_start / ml_stop. */
+#define ML_OK 0
+#define ML_ERR_ALREADY_STARTED 1
+#define ML_ERR_NOT_STARTED 2
+#define ML_ERR_NOT_ON_TOP 3
+#define ML_ERR_RATE 4
+
+/* Per-thread control block for interrupt delivery.  Its memory is owned by
+ * Python (ffi.new), one per thread that ever ran a task or a masked region;
+ * the thread's TLS points to it while the Python owner is alive.  Other
+ * threads read it only with the GIL held. */
+typedef struct {
+    int64_t mask_depth;   /* > 0: masked.  Written by the owner thread with the GIL held. */
+    int64_t pending;      /* ML_REASON_* bits wanting an interrupt.  Atomic (hooks may set it
+                             without the GIL); only Python clears bits, with the GIL. */
+    int64_t active;       /* number of task scopes open on the owner thread; owner, GIL. */
+    int64_t watch_global; /* number of those watching the global memory limit; owner, GIL. */
+    unsigned long thread_id; /* PyThread_get_thread_ident() of the owner; set once. */
+    int64_t arms;         /* interrupts armed for this thread (statistics); GIL or owner. */
+    int64_t deferred;     /* arms refused because masked (statistics); GIL or owner. */
+} ml_ctl_t;
+
+/* Engine life cycle (take the GIL internally). */
+int ml_start(double sampling_rate, uint64_t seed);
+int ml_stop(void);
+int ml_is_started(void);
+double ml_sampling_rate(void);
+int ml_set_sampling_rate(double sampling_rate);
+
+/* Current thread's exact byte count since the engine started, and samples. */
+int64_t ml_allocated(void);
+int64_t ml_samples(void);
+/* End of the current thread's allocation budget, as an absolute ml_allocated()
+ * value; INT64_MAX for none.  The slow path sets ML_REASON_ALLOCATIONS in the
+ * thread's ctl once ml_allocated() exceeds it, then forgets the budget. */
+void ml_set_budget_end(int64_t end);
+int64_t ml_budget_end(void);
+
+/* The current thread's control block (NULL for none). */
+void ml_set_ctl(ml_ctl_t *ctl);
+ml_ctl_t *ml_get_ctl(void);
+void ml_detach_ctl(ml_ctl_t *ctl);   /* clears the TLS pointer if it is ctl */
+void ml_ctl_add_pending(ml_ctl_t *ctl, int64_t bits);
+void ml_ctl_clear_pending(ml_ctl_t *ctl, int64_t bits);
+
+/* Global memory limit (bytes of resident memory; <= 0: none) and RSS. */
+void ml_set_global_limit(int64_t bytes);
+int64_t ml_global_limit(void);
+int64_t ml_rss(void);
+int64_t ml_peak_rss(void);          /* highest RSS read since ml_reset_peak_rss */
+void ml_reset_peak_rss(void);
+int64_t ml_rss_reads(void);
+
+/* Sampler test support: records the byte positions of the current thread's
+ * next samples into buf (at most n); returns how many were recorded. */
+void ml_record_samples(int64_t *buf, int64_t n);
+int64_t ml_recorded_samples(void);
+
+/* CDEF-END */
+
+#endif

@@ -1,0 +1,71 @@
+"""memprof_limits: memory limits, allocation limits and cancellation tokens
+for Python code, delivered as safe asynchronous interrupts.
+
+>>> import memprof_limits as ml
+>>> ml.limit_allocations(lambda: sum(range(10)), limit="10 MB")  # doctest: +ELLIPSIS
+Ok(value=(45, ...))
+
+See README.md for a tour and docs/ for the design.
+"""
+
+from __future__ import annotations
+
+from ._exceptions import AllocationLimitExceeded as AllocationLimitExceeded
+from ._exceptions import Cancelled as Cancelled
+from ._exceptions import Interrupted as Interrupted
+from ._exceptions import MemoryLimitExceeded as MemoryLimitExceeded
+from ._exceptions import PoisonedError as PoisonedError
+from ._engine import allocated_bytes as allocated_bytes
+from ._engine import is_started as is_started
+from ._engine import sampling_rate as sampling_rate
+from ._engine import start as start
+from ._engine import stop as stop
+from ._masking import SafeMutex as SafeMutex
+from ._masking import masked as masked
+from ._masking import protect as protect
+from ._masking import resource as resource
+from ._masking import with_resource as with_resource
+from ._result import Error as Error
+from ._result import Ok as Ok
+from ._scope import LimitScope as LimitScope
+from ._scope import get_global_memory_limit as get_global_memory_limit
+from ._scope import is_interrupted as is_interrupted
+from ._scope import limit_allocations as limit_allocations
+from ._scope import limit_global_memory as limit_global_memory
+from ._scope import limit_with_token as limit_with_token
+from ._scope import release_memory as release_memory
+from ._scope import set_global_memory_limit as set_global_memory_limit
+from ._token import Token as Token
+from ._units import format_bytes as format_bytes
+from ._units import parse_bytes as parse_bytes
+
+__all__ = [
+    "AllocationLimitExceeded",
+    "Cancelled",
+    "Error",
+    "Interrupted",
+    "LimitScope",
+    "MemoryLimitExceeded",
+    "Ok",
+    "PoisonedError",
+    "SafeMutex",
+    "Token",
+    "allocated_bytes",
+    "format_bytes",
+    "get_global_memory_limit",
+    "is_interrupted",
+    "is_started",
+    "limit_allocations",
+    "limit_global_memory",
+    "limit_with_token",
+    "masked",
+    "parse_bytes",
+    "protect",
+    "release_memory",
+    "resource",
+    "sampling_rate",
+    "set_global_memory_limit",
+    "start",
+    "stop",
+    "with_resource",
+]
