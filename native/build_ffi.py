@@ -39,8 +39,8 @@ ffibuilder.cdef(_cdef("sampler.h"))
 ffibuilder.set_source(
     "memprof_limits._native",
     '#include "sampler.h"',
-    sources=[os.path.join(REL, "sampler.c")],
-    depends=[os.path.join(REL, "sampler.h")],
+    sources=[os.path.join(REL, "sampler.c"), os.path.join(REL, "memprof.c")],
+    depends=[os.path.join(REL, h) for h in ("sampler.h", "memprof.h")],
     **_COMMON,
 )
 

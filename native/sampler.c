@@ -70,6 +70,7 @@
 #include <unistd.h>
 
 #include "sampler.h"
+#include "memprof.h"
 
 #if PY_VERSION_HEX < 0x030B0000 || PY_VERSION_HEX >= 0x030E0000
 #error "memprof-limits supports CPython 3.11 to 3.13"
@@ -138,10 +139,15 @@ static volatile uint64_t g_seed;
 static volatile uint64_t g_epoch;         /* bumped by every ml_start */
 static uint64_t g_thread_ordinal;         /* atomic: seeds of new threads */
 static volatile int64_t g_global_limit;   /* bytes; <= 0: none */
-static int64_t g_rss_interval = 80000;    /* bytes between RSS reads per thread */
+/* Minimum bytes between two RSS reads by a thread: 0 at the default rate and
+ * below (every sample reads it: interruption after Exp(rate) bytes past the
+ * limit, docs/statistical.md); 1/ML_DEFAULT_RATE at higher rates (profiler),
+ * so that a high rate does not multiply the ~1 us reads. */
+static volatile int64_t g_rss_interval;
 static int g_statm_fd = -1;               /* opened once, never closed */
 static long g_page_size = 4096;
 static int64_t g_peak_rss;                /* atomic max */
+static volatile int g_track_rss;          /* read RSS at samples even with no limit */
 static int64_t g_rss_reads;               /* atomic */
 
 /* Exception classes armed by the hook, one per reason; strong references set
@@ -329,9 +335,10 @@ static void arm_current_thread(ml_ctl_t *ctl, int64_t pending)
 
 /* ------------------------------------------------------------------------ */
 /* The slow path: runs when the countdown went below zero. */
-static void __attribute__((noinline)) slow_path(int64_t n, int gil_held)
+static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain)
 {
     ml_tls_t *t = &T;
+    int gil_held = domain != ML_DOMAIN_RAW;
     if (t->state != 1) {
         if (t->state == 2 || !g_started) {       /* exiting thread, or stopping */
             t->countdown = t->period = INT64_MAX / 4;
@@ -349,15 +356,16 @@ static void __attribute__((noinline)) slow_path(int64_t n, int gil_held)
         if (t->rec_buf && t->rec_n < t->rec_len) t->rec_buf[t->rec_n++] = t->next_sample;
         t->next_sample += draw_gap(t);
     }
+    if (sampled && ml_memprof_enabled) ml_memprof_on_sample(ptr, n, sampled, domain);
     ml_ctl_t *ctl = t->ctl;
     if (allocated > t->budget_end) {
         t->budget_end = ML_NO_BUDGET;
         if (ctl) __atomic_fetch_or(&ctl->pending, ML_REASON_ALLOCATIONS, __ATOMIC_SEQ_CST);
     }
-    if (sampled && ctl && ctl->watch_global > 0 && g_global_limit > 0 &&
-        allocated - t->last_rss_check >= g_rss_interval) {
+    int watched = ctl && ctl->watch_global > 0 && g_global_limit > 0;
+    if (sampled && (watched || g_track_rss) && allocated - t->last_rss_check >= g_rss_interval) {
         t->last_rss_check = allocated;
-        if (read_rss() > g_global_limit)
+        if (read_rss() > g_global_limit && watched)
             __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
     }
     reset_countdown(t, allocated);
@@ -376,10 +384,10 @@ static void __attribute__((noinline)) slow_path(int64_t n, int gil_held)
     }
 }
 
-#define ML_COUNT(n, gil)                                          \
-    do {                                                          \
+#define ML_COUNT(p, n, domain)                                      \
+    do {                                                            \
         if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0)) \
-            slow_path((int64_t)(n), gil);                                       \
+            slow_path((p), (int64_t)(n), (domain));                 \
     } while (0)
 
 /* ------------------------------------------------------------------------ */
@@ -389,7 +397,7 @@ static void *h_obj_malloc(void *ctx, size_t n)
     T.reentrant++;
     void *p = g_orig_obj.malloc(ctx, n);
     T.reentrant--;
-    if (p) ML_COUNT(n, 1);
+    if (p) ML_COUNT(p, n, ML_DOMAIN_OBJ);
     return p;
 }
 static void *h_obj_calloc(void *ctx, size_t nelem, size_t elsize)
@@ -397,15 +405,16 @@ static void *h_obj_calloc(void *ctx, size_t nelem, size_t elsize)
     T.reentrant++;
     void *p = g_orig_obj.calloc(ctx, nelem, elsize);
     T.reentrant--;
-    if (p) ML_COUNT(nelem * elsize, 1);
+    if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_OBJ);
     return p;
 }
 static void *h_obj_realloc(void *ctx, void *ptr, size_t n)
 {
     T.reentrant++;
+    if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
     void *p = g_orig_obj.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT(n, 1);
+    if (p) ML_COUNT(p, n, ML_DOMAIN_OBJ);
     return p;
 }
 static void *h_mem_malloc(void *ctx, size_t n)
@@ -413,7 +422,7 @@ static void *h_mem_malloc(void *ctx, size_t n)
     T.reentrant++;
     void *p = g_orig_mem.malloc(ctx, n);
     T.reentrant--;
-    if (p) ML_COUNT(n, 1);
+    if (p) ML_COUNT(p, n, ML_DOMAIN_MEM);
     return p;
 }
 static void *h_mem_calloc(void *ctx, size_t nelem, size_t elsize)
@@ -421,34 +430,54 @@ static void *h_mem_calloc(void *ctx, size_t nelem, size_t elsize)
     T.reentrant++;
     void *p = g_orig_mem.calloc(ctx, nelem, elsize);
     T.reentrant--;
-    if (p) ML_COUNT(nelem * elsize, 1);
+    if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_MEM);
     return p;
 }
 static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
 {
     T.reentrant++;
+    if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
     void *p = g_orig_mem.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT(n, 1);
+    if (p) ML_COUNT(p, n, ML_DOMAIN_MEM);
     return p;
 }
 static void *h_raw_malloc(void *ctx, size_t n)
 {
     void *p = g_orig_raw.malloc(ctx, n);
-    if (p && !T.reentrant) ML_COUNT(n, 0);
+    if (p && !T.reentrant) ML_COUNT(p, n, ML_DOMAIN_RAW);
     return p;
 }
 static void *h_raw_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     void *p = g_orig_raw.calloc(ctx, nelem, elsize);
-    if (p && !T.reentrant) ML_COUNT(nelem * elsize, 0);
+    if (p && !T.reentrant) ML_COUNT(p, nelem * elsize, ML_DOMAIN_RAW);
     return p;
 }
 static void *h_raw_realloc(void *ctx, void *ptr, size_t n)
 {
+    if (ml_memprof_track_frees && ptr && !T.reentrant) ml_memprof_on_free(ptr);
     void *p = g_orig_raw.realloc(ctx, ptr, n);
-    if (p && !T.reentrant) ML_COUNT(n, 0);
+    if (p && !T.reentrant) ML_COUNT(p, n, ML_DOMAIN_RAW);
     return p;
+}
+
+/* Free hooks: installed only while the profiler tracks sampled blocks
+ * (ml_set_track_frees), so that frees cost nothing otherwise. */
+static void h_obj_free(void *ctx, void *ptr)
+{
+    if (ptr && ml_memprof_track_frees) ml_memprof_on_free(ptr);
+    g_orig_obj.free(ctx, ptr);
+}
+static void h_mem_free(void *ctx, void *ptr)
+{
+    if (ptr && ml_memprof_track_frees) ml_memprof_on_free(ptr);
+    g_orig_mem.free(ctx, ptr);
+}
+static void h_raw_free(void *ctx, void *ptr)
+{
+    if (ptr && ml_memprof_track_frees && !T.reentrant) ml_memprof_on_free(ptr);
+    g_orig_raw.free(ctx, ptr);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -458,6 +487,7 @@ static int set_rate_unlocked(double rate)
     if (!(rate > 0.0 && rate <= 1.0)) return ML_ERR_RATE;
     g_rate = rate;
     g_log1m_rate = rate >= 1.0 ? -INFINITY : log1p(-rate);
+    g_rss_interval = rate <= ML_DEFAULT_RATE * 1.000001 ? 0 : (int64_t)(1.0 / ML_DEFAULT_RATE);
     return ML_OK;
 }
 
@@ -530,6 +560,7 @@ int ml_stop(void)
     PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &g_orig_raw);
     PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_orig_mem);
     PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_orig_obj);
+    ml_memprof_track_frees = 0;
     g_started = 0;
 out:
     pthread_mutex_unlock(&g_lock);
@@ -538,6 +569,27 @@ out:
 }
 
 int ml_is_started(void) { return g_started; }
+
+int ml_set_free_hooks(int on)
+{
+    int rc = ML_OK;
+    PyMemAllocatorEx cur;
+    PyGILState_STATE gs = PyGILState_Ensure();
+    pthread_mutex_lock(&g_lock);
+    if (!g_started) { rc = ML_ERR_NOT_STARTED; goto out; }
+    PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &cur);
+    if (cur.malloc != h_obj_malloc) { rc = ML_ERR_NOT_ON_TOP; goto out; }
+    g_hook_raw.free = on ? h_raw_free : g_orig_raw.free;
+    g_hook_mem.free = on ? h_mem_free : g_orig_mem.free;
+    g_hook_obj.free = on ? h_obj_free : g_orig_obj.free;
+    PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &g_hook_raw);
+    PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_hook_mem);
+    PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_hook_obj);
+out:
+    pthread_mutex_unlock(&g_lock);
+    PyGILState_Release(gs);
+    return rc;
+}
 double ml_sampling_rate(void) { return g_rate; }
 
 int ml_set_sampling_rate(double rate)
@@ -604,6 +656,7 @@ int64_t ml_rss(void)
 }
 int64_t ml_peak_rss(void) { return __atomic_load_n(&g_peak_rss, __ATOMIC_RELAXED); }
 void ml_reset_peak_rss(void) { __atomic_store_n(&g_peak_rss, 0, __ATOMIC_RELAXED); }
+void ml_set_track_rss(int on) { g_track_rss = on; }
 int64_t ml_rss_reads(void) { return __atomic_load_n(&g_rss_reads, __ATOMIC_RELAXED); }
 
 void ml_record_samples(int64_t *buf, int64_t n)

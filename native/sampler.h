@@ -43,6 +43,9 @@ typedef struct {
 int ml_start(double sampling_rate, uint64_t seed);
 int ml_stop(void);
 int ml_is_started(void);
+/* Install (on=1) or remove the free hooks used by the profiler's tracking of
+ * sampled blocks.  ML_ERR_NOT_ON_TOP if another hook was installed after us. */
+int ml_set_free_hooks(int on);
 double ml_sampling_rate(void);
 int ml_set_sampling_rate(double sampling_rate);
 
@@ -68,6 +71,8 @@ int64_t ml_global_limit(void);
 int64_t ml_rss(void);
 int64_t ml_peak_rss(void);          /* highest RSS read since ml_reset_peak_rss */
 void ml_reset_peak_rss(void);
+/* Read the RSS at samples (for ml_peak_rss) even when no limit needs it. */
+void ml_set_track_rss(int on);
 int64_t ml_rss_reads(void);
 
 /* Sampler test support: records the byte positions of the current thread's

@@ -15,6 +15,10 @@ from ._exceptions import Cancelled as Cancelled
 from ._exceptions import Interrupted as Interrupted
 from ._exceptions import MemoryLimitExceeded as MemoryLimitExceeded
 from ._exceptions import PoisonedError as PoisonedError
+from ._cells import Cell as Cell
+from ._cells import CellLimits as CellLimits
+from ._cells import CellOutcome as CellOutcome
+from ._cells import CellRunner as CellRunner
 from ._engine import allocated_bytes as allocated_bytes
 from ._engine import is_started as is_started
 from ._engine import sampling_rate as sampling_rate
@@ -27,6 +31,8 @@ from ._masking import resource as resource
 from ._masking import with_resource as with_resource
 from ._result import Error as Error
 from ._result import Ok as Ok
+from ._rollback import Guarded as Guarded
+from ._rollback import RollbackReport as RollbackReport
 from ._scope import LimitScope as LimitScope
 from ._scope import get_global_memory_limit as get_global_memory_limit
 from ._scope import is_interrupted as is_interrupted
@@ -35,6 +41,7 @@ from ._scope import limit_global_memory as limit_global_memory
 from ._scope import limit_with_token as limit_with_token
 from ._scope import release_memory as release_memory
 from ._scope import set_global_memory_limit as set_global_memory_limit
+from ._sigint import sigint_sets as sigint_sets
 from ._token import Token as Token
 from ._units import format_bytes as format_bytes
 from ._units import parse_bytes as parse_bytes
@@ -42,12 +49,18 @@ from ._units import parse_bytes as parse_bytes
 __all__ = [
     "AllocationLimitExceeded",
     "Cancelled",
+    "Cell",
+    "CellLimits",
+    "CellOutcome",
+    "CellRunner",
     "Error",
+    "Guarded",
     "Interrupted",
     "LimitScope",
     "MemoryLimitExceeded",
     "Ok",
     "PoisonedError",
+    "RollbackReport",
     "SafeMutex",
     "Token",
     "allocated_bytes",
@@ -65,6 +78,7 @@ __all__ = [
     "resource",
     "sampling_rate",
     "set_global_memory_limit",
+    "sigint_sets",
     "start",
     "stop",
     "with_resource",

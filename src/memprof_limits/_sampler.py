@@ -222,6 +222,10 @@ def reset_peak_rss() -> None:
     lib.ml_reset_peak_rss()
 
 
+def set_track_rss(on: bool) -> None:
+    lib.ml_set_track_rss(int(on))
+
+
 # --------------------------------------------------------------------------
 # Delivery primitives.
 

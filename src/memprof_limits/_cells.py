@@ -1,0 +1,309 @@
+"""The cell runner shared by the Jupyter kernel and the REPL.
+
+A *cell* is one unit of user input.  It runs as one or more limited tasks
+(:meth:`Cell.run`; IPython runs each top-level statement separately) that
+share the cell's allocation budget, its token and the global memory limit.
+Before the cell, the namespace and every tracked :class:`Guarded` value are
+checkpointed; if the cell is interrupted they are rolled back, and if the
+interrupt was for memory, memory is released.  The front ends only format
+what :class:`CellOutcome` says.
+
+>>> import memprof_limits as ml
+>>> ns = {"x": 1}
+>>> runner = ml.CellRunner(ns, limits=ml.CellLimits(allocations=10**6))
+>>> with runner.cell() as cell:
+...     result = cell.run(lambda: exec("x = 2; y = [str(i) for i in range(10**6)]", ns))
+>>> cell.outcome.reason, ns["x"], "y" in ns
+('allocations', 1, False)
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from . import _sampler
+from ._exceptions import Interrupted, Reason
+from ._result import Error, Ok
+from ._rollback import Guarded, RollbackReport, tracked_guards
+from ._scope import (
+    LimitScope,
+    _describe_scope,
+    _run,
+    get_global_memory_limit,
+    release_memory,
+    set_global_memory_limit,
+)
+from ._token import Token
+from ._units import format_bytes, parse_bytes
+
+__all__ = ["Cell", "CellLimits", "CellOutcome", "CellRunner"]
+
+T = TypeVar("T")
+
+_LIMITS_HELP = (
+    "expected 'memory=SIZE allocations=SIZE' (either or both; SIZE like 2GiB, 500MB or "
+    "'off'), or 'off' to remove both limits"
+)
+
+
+@dataclass(frozen=True)
+class CellLimits:
+    """Limits of a cell: the global memory limit and the allocation budget,
+    in bytes (``None``: no limit).
+
+    >>> CellLimits.parse("memory=2GiB allocations=500MB")
+    CellLimits(memory=2147483648, allocations=500000000)
+    """
+
+    memory: int | None = None
+    allocations: int | None = None
+
+    @classmethod
+    def parse(cls, spec: str, base: CellLimits | None = None) -> CellLimits:
+        """Parse ``memory=2GiB allocations=500MB`` / ``off`` over ``base``.
+
+        Raises ``ValueError`` saying what is expected.
+        """
+        limits = base or cls()
+        spec = spec.strip()
+        if spec.lower() in ("off", "none"):
+            return cls()
+        for item in re.split(r"[\s,]+", spec):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            key = key.strip().lower()
+            if not sep or key not in ("memory", "allocations", "mem", "alloc"):
+                raise ValueError(f"limits: cannot read {item!r}: {_LIMITS_HELP}")
+            field_name = "memory" if key.startswith("mem") else "allocations"
+            off = value.strip().lower() in ("off", "none")
+            try:
+                amount = None if off else parse_bytes(value.strip(), what=field_name)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"limits: {e}") from None
+            limits = replace(limits, **{field_name: amount})
+        return limits
+
+    def describe(self) -> str:
+        """``memory=2.0 GiB allocations=476.8 MiB`` (or ``no limits``)."""
+        parts = []
+        if self.memory is not None:
+            parts.append(f"memory={format_bytes(self.memory)}")
+        if self.allocations is not None:
+            parts.append(f"allocations={format_bytes(self.allocations)}")
+        return " ".join(parts) or "no limits"
+
+
+@dataclass
+class CellOutcome:
+    """What happened in a cell.  All sizes in bytes, times in seconds."""
+
+    limits: CellLimits
+    interrupted: bool = False
+    reason: Reason | None = None
+    message: str | None = None
+    allocated_bytes: int = 0
+    peak_rss_bytes: int = 0
+    wall_time_s: float = 0.0
+    rollback: RollbackReport | None = None
+    freed_bytes: int | None = None
+    exception: BaseException | None = field(default=None, repr=False)
+
+    @property
+    def ename(self) -> str:
+        """Exception name for an interrupted cell, naming the cause."""
+        return {
+            "memory": "MemoryLimitExceeded",
+            "allocations": "AllocationLimitExceeded",
+            "token": "Interrupted",
+        }.get(self.reason or "", "Interrupted")
+
+    def summary(self) -> str:
+        """One line: allocations, peak memory, time."""
+        return (
+            f"allocated {format_bytes(self.allocated_bytes)} ({self.allocated_bytes} bytes), "
+            f"peak RSS {format_bytes(self.peak_rss_bytes)}, {self.wall_time_s:.3f} s"
+        )
+
+    def interrupt_line(self) -> str:
+        """The line shown to the user for an interrupted cell."""
+        cause = {
+            "memory": "memory limit",
+            "allocations": "allocation limit",
+            "token": "interrupted",
+        }.get(self.reason or "", "interrupted")
+        parts = [f"{cause}: {self.message}" if self.message else cause]
+        if self.rollback is not None:
+            parts.append(self.rollback.describe())
+        if self.freed_bytes is not None:
+            parts.append(f"freed {format_bytes(self.freed_bytes)}")
+        return "; ".join(parts)
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able figures for a Jupyter ``execute_reply``."""
+        return {
+            "allocated_bytes": self.allocated_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "wall_time_s": round(self.wall_time_s, 6),
+            "interrupted": self.interrupted,
+            "reason": self.reason,
+            "limits": {"memory": self.limits.memory, "allocations": self.limits.allocations},
+            "rolled_back": (
+                None
+                if self.rollback is None
+                else {
+                    "added": list(self.rollback.added),
+                    "changed": list(self.rollback.changed),
+                    "deleted": list(self.rollback.removed),
+                    "restored": list(self.rollback.restored),
+                }
+            ),
+            "freed_bytes": self.freed_bytes,
+        }
+
+
+class Cell:
+    """One cell being run; see :meth:`CellRunner.cell`."""
+
+    def __init__(self, runner: CellRunner, limits: CellLimits) -> None:
+        self.limits = limits
+        self.token = Token()
+        self.outcome = CellOutcome(limits=limits)
+        self._runner = runner
+        self._allocated = 0
+
+    def run(self, fn: Callable[[], T]) -> Ok[T] | Error:
+        """Run ``fn()`` as a task of this cell: ``Ok(value)`` or ``Error(exc)``
+        when one of the cell's limits is reached (or it was interrupted).
+        Other exceptions propagate.  Once the cell is interrupted, later
+        calls return ``Error`` without running ``fn``."""
+        outcome = self.outcome
+        if outcome.interrupted:
+            return Error(outcome.exception or Interrupted(outcome.message or "interrupted"))
+        remaining = None
+        if self.limits.allocations is not None:
+            remaining = max(0, self.limits.allocations - self._allocated)
+        scope = LimitScope(
+            memory=self.limits.memory is not None, allocations=remaining, token=self.token
+        )
+        try:
+            result = _run(scope, fn)
+        finally:
+            self._allocated += scope.allocated_bytes or 0
+        if not isinstance(result, Error):
+            return result
+        exc = result.exc
+        outcome.interrupted = True
+        outcome.reason = scope.reason
+        outcome.exception = exc
+        outcome.message = str(exc) if isinstance(exc, Interrupted) else _scope_message(scope)
+        return Error(exc)
+
+
+def _scope_message(scope: LimitScope) -> str:
+    return _describe_scope(scope)
+
+
+class CellRunner:
+    """Runs cells under session limits with rollback of a namespace.
+
+    Args:
+        namespace: the user namespace (rolled back in place), or ``None``.
+        limits: session defaults; a cell can override them.
+        rollback: roll the namespace and tracked :class:`Guarded` values back
+            when a cell is interrupted.
+        exclude: names of the namespace that are never rolled back (history
+            variables of IPython, say).
+    """
+
+    def __init__(
+        self,
+        namespace: MutableMapping[str, Any] | None = None,
+        *,
+        limits: CellLimits | None = None,
+        rollback: bool = True,
+        exclude: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.limits = limits or CellLimits()
+        self.rollback = rollback
+        self.last: CellOutcome | None = None
+        self._namespace = (
+            None
+            if namespace is None
+            else Guarded(namespace, name="namespace", exclude=exclude, track=False)
+        )
+        self._current: Cell | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        """Whether a cell is running."""
+        return self._current is not None
+
+    def interrupt(self) -> bool:
+        """Interrupt the running cell (set its token).  Safe from any thread
+        and from signal handlers; never affects a later cell.  Returns whether
+        a cell was running."""
+        cell = self._current
+        if cell is None:
+            return False
+        cell.token.set()
+        return True
+
+    @contextmanager
+    def cell(self, limits: CellLimits | None = None) -> Iterator[Cell]:
+        """Run one cell: ``with runner.cell() as cell: cell.run(fn)``.
+
+        ``limits`` overrides the session limits for this cell.  After the
+        block, ``cell.outcome`` (also ``runner.last``) says what happened.
+        """
+        limits = limits or self.limits
+        cell = Cell(self, limits)
+        checkpoints = self._checkpoint() if self.rollback else []
+        previous_limit = get_global_memory_limit()
+        if limits.memory is not None:
+            set_global_memory_limit(limits.memory)
+        _sampler.ensure_started()
+        _sampler.reset_peak_rss()
+        _sampler.set_track_rss(True)
+        start_rss = _sampler.rss_bytes()
+        start = time.perf_counter()
+        self._current = cell
+        try:
+            yield cell
+        finally:
+            self._current = None
+            outcome = cell.outcome
+            outcome.wall_time_s = time.perf_counter() - start
+            outcome.allocated_bytes = cell._allocated
+            _sampler.set_track_rss(False)
+            outcome.peak_rss_bytes = max(
+                start_rss, _sampler.peak_rss_bytes(), _sampler.rss_bytes()
+            )
+            if cell.token.is_set() and not outcome.interrupted:
+                outcome.interrupted = True
+                outcome.reason = "token"
+                outcome.message = "interrupted"
+            if outcome.interrupted:
+                if checkpoints:
+                    report = RollbackReport()
+                    for guard, checkpoint in checkpoints:
+                        report = report.merge(guard.rollback(checkpoint))
+                    outcome.rollback = report
+                if outcome.reason == "memory":
+                    outcome.freed_bytes = release_memory()
+            if limits.memory is not None:
+                set_global_memory_limit(previous_limit)
+            self.last = outcome
+
+    def _checkpoint(self) -> list[tuple[Guarded[Any], Any]]:
+        guards: list[Guarded[Any]] = list(tracked_guards())
+        if self._namespace is not None:
+            guards.insert(0, self._namespace)
+        return [(g, g.checkpoint()) for g in guards]
