@@ -462,6 +462,95 @@ static void *h_raw_realloc(void *ctx, void *ptr, size_t n)
     return p;
 }
 
+/* NumPy array buffers.  NumPy (>= 1.22) allocates array data through a
+ * PyDataMem_Handler whose default allocator calls malloc directly, invisible
+ * to the PyMem hooks: an `np.ones(10**9)` loop would allocate gigabytes
+ * between two samples.  We count those bytes too by patching the function
+ * pointers of NumPy's *default* handler in place (reached through the public
+ * PyDataMem_DefaultHandler capsule; the struct is writable static data), so
+ * that every thread is covered -- PyDataMem_SetHandler would only cover the
+ * calling thread's context.  free is left alone.  Buffers may be allocated
+ * without the GIL (counted like RAW).  Layout (numpy/ndarraytypes.h, stable
+ * since 1.22, version 1): */
+typedef struct {
+    void *ctx;
+    void *(*malloc)(void *ctx, size_t size);
+    void *(*calloc)(void *ctx, size_t nelem, size_t elsize);
+    void *(*realloc)(void *ctx, void *ptr, size_t new_size);
+    void (*free)(void *ctx, void *ptr, size_t size);
+} ml_np_allocator_t;
+typedef struct {
+    char name[127];
+    uint8_t version;
+    ml_np_allocator_t allocator;
+} ml_np_handler_t;
+
+static ml_np_handler_t *g_np_handler;   /* GIL + g_lock */
+static ml_np_allocator_t g_np_orig;     /* set before patching, never changed after */
+
+static void *np_malloc(void *ctx, size_t n)
+{
+    void *p = g_np_orig.malloc(ctx, n);
+    if (p) ML_COUNT(p, n, ML_DOMAIN_RAW);
+    return p;
+}
+static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    void *p = g_np_orig.calloc(ctx, nelem, elsize);
+    if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_RAW);
+    return p;
+}
+static void *np_realloc(void *ctx, void *ptr, size_t n)
+{
+    void *p = g_np_orig.realloc(ctx, ptr, n);
+    if (p) ML_COUNT(p, n, ML_DOMAIN_RAW);
+    return p;
+}
+
+/* [GIL] Patch NumPy's default handler (its address, from the capsule).
+ * Returns 1 if patched now, 0 if already, -1 if the layout is unknown. */
+PyAPI_FUNC(int) ml_numpy_patch(void *handler)
+{
+    ml_np_handler_t *h = (ml_np_handler_t *)handler;
+    int rc;
+    pthread_mutex_lock(&g_lock);
+    if (g_np_handler != NULL) {
+        rc = 0;
+    } else if (h->version != 1 || strncmp(h->name, "default_allocator", sizeof h->name) != 0) {
+        rc = -1;
+    } else {
+        if (g_np_orig.malloc == NULL) g_np_orig = h->allocator;
+        g_np_handler = h;
+        __atomic_store_n(&h->allocator.malloc, np_malloc, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&h->allocator.calloc, np_calloc, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&h->allocator.realloc, np_realloc, __ATOMIC_SEQ_CST);
+        rc = 1;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+static void numpy_unpatch_unlocked(void)
+{
+    ml_np_handler_t *h = g_np_handler;
+    if (h == NULL) return;
+    __atomic_store_n(&h->allocator.malloc, g_np_orig.malloc, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&h->allocator.calloc, g_np_orig.calloc, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&h->allocator.realloc, g_np_orig.realloc, __ATOMIC_SEQ_CST);
+    g_np_handler = NULL;
+}
+
+int ml_numpy_patched(void) { return g_np_handler != NULL; }
+
+int64_t ml_registered_threads(void)
+{
+    int64_t n = 0;
+    pthread_mutex_lock(&g_registry_lock);
+    for (ml_tls_t *t = g_registry; t; t = t->next) n++;
+    pthread_mutex_unlock(&g_registry_lock);
+    return n;
+}
+
 /* Free hooks: installed only while the profiler tracks sampled blocks
  * (ml_set_track_frees), so that frees cost nothing otherwise. */
 static void h_obj_free(void *ctx, void *ptr)
@@ -561,6 +650,7 @@ int ml_stop(void)
     PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_orig_mem);
     PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_orig_obj);
     ml_memprof_track_frees = 0;
+    numpy_unpatch_unlocked();
     g_started = 0;
 out:
     pthread_mutex_unlock(&g_lock);

@@ -46,6 +46,10 @@ int ml_is_started(void);
 /* Install (on=1) or remove the free hooks used by the profiler's tracking of
  * sampled blocks.  ML_ERR_NOT_ON_TOP if another hook was installed after us. */
 int ml_set_free_hooks(int on);
+/* Whether NumPy's default data allocator is patched (see ml_numpy_patch). */
+int ml_numpy_patched(void);
+/* Threads with sampler state (tests: an exited thread leaves nothing). */
+int64_t ml_registered_threads(void);
 double ml_sampling_rate(void);
 int ml_set_sampling_rate(double sampling_rate);
 

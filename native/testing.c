@@ -50,6 +50,20 @@ int64_t mlt_measure(int64_t (*allocated)(void), int domain, int kind, size_t n, 
     return p ? after - before : -1;
 }
 
+int64_t mlt_measure_loop(int64_t (*allocated)(void), int domain, size_t n, int64_t iterations)
+{
+    PyGILState_STATE gs = PyGILState_UNLOCKED;
+    if (domain != MLT_RAW) gs = PyGILState_Ensure();
+    int64_t before = allocated();
+    for (int64_t i = 0; i < iterations; i++) {
+        void *p = alloc_in(domain, MLT_MALLOC, n);
+        free_in(domain, p);
+    }
+    int64_t after = allocated();
+    if (domain != MLT_RAW) PyGILState_Release(gs);
+    return after - before;
+}
+
 int64_t mlt_alloc_loop(int domain, size_t n, int64_t iterations)
 {
     PyGILState_STATE gs = PyGILState_Ensure();

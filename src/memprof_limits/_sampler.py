@@ -14,6 +14,7 @@ Two ways into the same shared object:
 from __future__ import annotations
 
 import ctypes
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Final
@@ -59,6 +60,7 @@ _masked_call = _fn("ml_masked_call", _py, _py, _py)
 _tramp_enter = _fn("ml_tramp_enter", _py, _py)
 _tramp_exit = _fn("ml_tramp_exit", _py, _py, _py, _py, _py)
 _async_exc_armed = _fn("ml_async_exc_armed", ctypes.c_int)
+_numpy_patch = _fn("ml_numpy_patch", ctypes.c_int, ctypes.c_void_p)
 _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py)
 _instancemethod = ctypes.pythonapi.PyInstanceMethod_New
 _instancemethod.argtypes = [_py]
@@ -165,11 +167,31 @@ def start(sampling_rate: float = DEFAULT_SAMPLING_RATE, *, seed: int = 0) -> Non
         rc = lib.ml_start(float(sampling_rate), seed & (2**64 - 1))
         if rc:
             raise RuntimeError(f"memprof_limits.start(): {_ERRORS[rc]}")
+        if "numpy" in sys.modules:
+            _patch_numpy()
 
 
 def ensure_started() -> None:
     if not lib.ml_is_started():
         start()
+    elif not lib.ml_numpy_patched() and "numpy" in sys.modules:
+        _patch_numpy()
+
+
+def _patch_numpy() -> None:
+    """Count NumPy array buffers (see ml_numpy_patch in native/sampler.c)."""
+    numpy = sys.modules.get("numpy")
+    core = getattr(numpy, "_core", None) or getattr(numpy, "core", None)
+    capsule = getattr(getattr(core, "multiarray", None), "_ARRAY_API", None)
+    if capsule is None:
+        return
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype = ctypes.c_void_p
+    get.argtypes = [_py, ctypes.c_char_p]
+    api = (ctypes.c_void_p * 307).from_address(get(capsule, None))
+    # PyDataMem_DefaultHandler: API slot 306, a PyObject** to a capsule.
+    default = ctypes.cast(ctypes.c_void_p.from_address(api[306]).value, _py).value
+    _numpy_patch(get(default, b"mem_handler"))
 
 
 def stop() -> None:
