@@ -29,17 +29,30 @@ def stop() -> None:
     Raises ``RuntimeError`` if another hook (``tracemalloc.start()``) was
     installed after ours: stop that one first.  Stopping while limits are in
     use makes them ineffective until the next start.
+
+    >>> import memprof_limits as ml
+    >>> ml.stop(); ml.is_started()
+    False
+    >>> ml.start()
     """
     _sampler.stop()
 
 
 def is_started() -> bool:
-    """Whether the allocator hooks are installed."""
+    """Whether the allocator hooks are installed.
+
+    >>> import memprof_limits as ml
+    >>> ml.start(); ml.is_started()
+    True"""
     return _sampler.is_started()
 
 
 def sampling_rate() -> float:
-    """The current sampling rate, per byte."""
+    """The current sampling rate, per byte.
+
+    >>> import memprof_limits as ml
+    >>> ml.start(); ml.sampling_rate()
+    1.25e-05"""
     return _sampler.sampling_rate()
 
 

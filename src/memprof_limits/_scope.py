@@ -95,14 +95,22 @@ def set_global_memory_limit(limit: int | str | None) -> None:
 
 
 def get_global_memory_limit() -> int | None:
-    """The global memory limit in bytes, or ``None``."""
+    """The global memory limit in bytes, or ``None``.
+
+    >>> import memprof_limits as ml
+    >>> ml.get_global_memory_limit() is None
+    True"""
     return _global_limit
 
 
 def release_memory() -> int:
     """Run a full garbage collection and give free heap memory back to the
     system (``malloc_trim``).  Returns the bytes by which the resident memory
-    went down (0 if it did not)."""
+    went down (0 if it did not).
+
+    >>> import memprof_limits as ml
+    >>> ml.release_memory() >= 0
+    True"""
     before = _sampler.rss_bytes()
     gc.collect()
     if _malloc_trim is not None:
@@ -128,6 +136,10 @@ def is_interrupted() -> bool:
     is reached (the interrupt is raised, or deferred by masking) until that
     task ends.  Use it in a ``release`` function to poison or roll back, and
     in ``except`` clauses to avoid swallowing an interrupt.
+
+    >>> import memprof_limits as ml
+    >>> ml.is_interrupted()
+    False
     """
     st: _sampler.ThreadState | None = getattr(_sampler._local, "state", None)
     return bool(st is not None and st.ctl.active > 0 and st.ctl.pending)
@@ -204,11 +216,6 @@ class LimitScope:
         _sampler.ensure_started()
         st = self._state = _sampler.thread_state()
         ctl = st.ctl
-        self._start = now = _sampler.allocated_bytes()
-        outer_end = _budget_end(st.scopes)
-        if self.allocations is not None:
-            self._end = min(now + self.allocations, outer_end)
-            _sampler.set_budget_end(self._end)
         st.scopes.append(self)
         ctl.active += 1
         if ctl.active == 1:
@@ -219,6 +226,12 @@ class LimitScope:
             self.token._watch(st)
             if self.token.is_set():
                 st.add_pending(REASON_TOKEN)
+        # Count from here: the bookkeeping above allocates a varying amount
+        # (it wakes the watchdog), which must not make counts irreproducible.
+        self._start = now = _sampler.allocated_bytes()
+        if self.allocations is not None:
+            self._end = min(now + self.allocations, _budget_end(st.scopes[:-1]))
+            _sampler.set_budget_end(self._end)
         return self
 
     def _ml_exit(self, et: Any, ev: BaseException | None, tb: Any) -> bool:

@@ -1,0 +1,49 @@
+"""The public surface: what __init__ re-exports, documented and typed."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import memprof_limits as ml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert ml.__all__ == sorted(ml.__all__)
+    public = {n for n in vars(ml) if not n.startswith("_")}
+    modules = {n for n, v in vars(ml).items() if inspect.ismodule(v)}
+    assert public - modules - {"annotations"} == set(ml.__all__)
+
+
+def test_every_public_object_is_documented_with_an_example() -> None:
+    undocumented = [n for n in ml.__all__ if not (getattr(ml, n).__doc__ or "").strip()]
+    assert undocumented == []
+    functions = [n for n in ml.__all__ if inspect.isfunction(getattr(ml, n))]
+    without_example = [n for n in functions if ">>>" not in (getattr(ml, n).__doc__ or "")]
+    assert without_example == [], "public functions need a >>> example"
+
+
+def _imports(package_dir: Path) -> set[str]:
+    names = set()
+    for path in package_dir.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_go_one_way() -> None:
+    """native -> memprof_limits -> kernel or REPL; never sideways."""
+    core = _imports(ROOT / "src" / "memprof_limits")
+    assert not core & {"memprof_limits_kernel", "memprof_limits_repl", "IPython", "ipykernel"}
+    kernel = ROOT / "kernel" / "memprof_limits_kernel"
+    repl = ROOT / "repl" / "memprof_limits_repl"
+    if kernel.exists():
+        assert "memprof_limits_repl" not in _imports(kernel)
+    if repl.exists():
+        assert "memprof_limits_kernel" not in _imports(repl)

@@ -1,0 +1,508 @@
+"""Limits and their results (DESIGN §4-§5): Error iff this call's limit."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import memprof_limits as ml
+from memprof_limits import _sampler
+from tests.conftest import run_python
+
+
+def allocate_forever() -> None:
+    keep = []
+    while True:
+        keep.append(str(len(keep)) * 10)
+
+
+def set_later(token: ml.Token, delay_s: float = 0.2) -> threading.Timer:
+    timer = threading.Timer(delay_s, token.set)
+    timer.start()
+    return timer
+
+
+# -- results ----------------------------------------------------------------
+
+
+def test_ok_carries_value_and_exact_allocated_bytes() -> None:
+    match ml.limit_allocations(lambda: "done", limit="10 MB"):
+        case ml.Ok((value, allocated)):
+            assert value == "done" and isinstance(allocated, int) and allocated >= 0
+        case other:
+            pytest.fail(f"unexpected {other}")
+
+
+def test_error_when_the_limit_is_reached() -> None:
+    result = ml.limit_allocations(allocate_forever, limit="1 MB")
+    assert isinstance(result, ml.Error)
+    assert isinstance(result.exc, ml.AllocationLimitExceeded)
+    assert "allocation limit of 1000000 bytes" in str(result.exc)
+
+
+def test_error_even_if_the_task_swallows_the_interrupt_and_returns() -> None:
+    def swallow() -> str:
+        try:
+            allocate_forever()
+        except ml.Interrupted:
+            pass
+        return "pretending all is fine"
+
+    result = ml.limit_allocations(swallow, limit="1 MB")
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.AllocationLimitExceeded)
+    assert "returned normally" in str(result.exc)
+
+
+def test_error_carries_the_last_exception_that_escaped() -> None:
+    def replace() -> None:
+        try:
+            allocate_forever()
+        except ml.Interrupted:
+            raise ValueError("raised while interrupted") from None
+
+    result = ml.limit_allocations(replace, limit="1 MB")
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ValueError)
+
+
+def test_other_exceptions_propagate_unchanged() -> None:
+    error = ZeroDivisionError("mine")
+
+    def fail() -> None:
+        raise error
+
+    with pytest.raises(ZeroDivisionError) as info:
+        ml.limit_allocations(fail, limit="1 GB")
+    assert info.value is error
+    with pytest.raises(ZeroDivisionError):
+        ml.limit_with_token(fail, token=ml.Token())
+    with pytest.raises(ZeroDivisionError):
+        ml.limit_global_memory(fail)
+
+
+def test_token_already_set_gives_error_without_running() -> None:
+    token = ml.Token()
+    token.set()
+    ran = []
+    result = ml.limit_with_token(lambda: ran.append(1), token=token)
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.Cancelled)
+    assert ran == []
+
+
+def test_results_are_frozen_dataclasses() -> None:
+    ok = ml.Ok(1)
+    with pytest.raises(AttributeError):
+        ok.value = 2  # type: ignore[misc]
+    assert ml.Ok(1) == ml.Ok(1) and ml.Error(ok_exc := ValueError()) == ml.Error(ok_exc)
+
+
+def test_interrupted_is_not_an_exception() -> None:
+    assert issubclass(ml.Interrupted, BaseException)
+    assert not issubclass(ml.Interrupted, Exception)
+
+    def catch_exceptions() -> None:
+        try:
+            allocate_forever()
+        except Exception:  # noqa: BLE001 - what careless user code does
+            pytest.fail("except Exception must not swallow an interrupt")
+
+    assert isinstance(ml.limit_allocations(catch_exceptions, limit="1 MB"), ml.Error)
+
+
+# -- exact, deterministic allocation limits -----------------------------------
+
+
+EXACTNESS_SCRIPT = """
+import gc, memprof_limits as ml
+
+def workload():
+    return [f"{i}:{i * i}" for i in range(3000)]
+
+def measured(limit):
+    # CPython's free lists are process state: a run that follows an
+    # interrupted one may find fewer free objects and allocate one or two
+    # more (48 bytes on 3.11).  So each run starts from the same state: an
+    # unlimited run of the same task through the same path.
+    ml.limit_allocations(workload, limit=10**9)
+    result = ml.limit_allocations(workload, limit=limit)
+    return result.value[1] if isinstance(result, ml.Ok) else None
+
+# The cyclic GC runs finalizers in whichever thread triggers it, at moments
+# that depend on every thread's allocations (docs/design.md).
+gc.collect()
+gc.disable()
+measured(10**9)  # warm up caches
+n = measured(10**9)
+runs = [(measured(n), measured(n - 1)) for _ in range(3)]
+print(n, runs)
+assert all(ok == n and err is None for ok, err in runs), runs
+assert len({measured(10**9) for _ in range(5)}) == 1
+"""
+
+
+def test_allocation_limits_are_exact_to_the_byte() -> None:
+    """The task needs exactly n bytes: limit n succeeds, n - 1 fails, every
+    time, and two fresh processes agree on n."""
+    first = run_python(EXACTNESS_SCRIPT, env={"PYTHONHASHSEED": "0"}).stdout.split()[0]
+    second = run_python(EXACTNESS_SCRIPT, env={"PYTHONHASHSEED": "0"}).stdout.split()[0]
+    assert first == second
+
+
+def test_nested_inner_limit_is_capped_by_outer_remaining() -> None:
+    """Inner asks for 100 MB inside an outer 1 MB: the outer is the cause,
+    so the interrupt goes through the inner call to the outer one."""
+    inner_results = []
+
+    def outer_task() -> None:
+        inner_results.append(ml.limit_allocations(allocate_forever, limit="100 MB"))
+
+    result = ml.limit_allocations(outer_task, limit="1 MB")
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.AllocationLimitExceeded)
+    assert inner_results == []
+
+
+def test_nested_inner_consumption_is_charged_to_outer() -> None:
+    def outer_task() -> None:
+        inner = ml.limit_allocations(lambda: bytearray(2 * 10**6), limit="10 MB")
+        assert isinstance(inner, ml.Ok) and inner.value[1] >= 2 * 10**6
+        bytearray(2 * 10**6)  # 4 MB in all: over the outer 3 MB
+
+    result = ml.limit_allocations(outer_task, limit="3 MB")
+    assert isinstance(result, ml.Error)
+
+
+def test_nested_inner_cause_gives_inner_error_outer_ok() -> None:
+    def outer_task() -> ml.Ok[tuple[None, int]] | ml.Error:
+        return ml.limit_allocations(allocate_forever, limit="100 kB")
+
+    result = ml.limit_allocations(outer_task, limit="100 MB")
+    assert isinstance(result, ml.Ok)
+    inner, _ = result.value
+    assert isinstance(inner, ml.Error)
+
+
+def test_nested_limits_of_different_kinds_compose() -> None:
+    token = ml.Token()
+
+    def under_token() -> object:
+        return ml.limit_allocations(allocate_forever, limit="1 MB")
+
+    result = ml.limit_with_token(under_token, token=token)
+    assert isinstance(result, ml.Ok) and isinstance(result.value, ml.Error)
+
+    token = ml.Token()
+    set_later(token, 0.1)
+
+    def busy_under_allocations() -> object:
+        while True:
+            pass
+
+    result2 = ml.limit_with_token(
+        lambda: ml.limit_allocations(busy_under_allocations, limit="1 GB"), token=token
+    )
+    assert isinstance(result2, ml.Error) and isinstance(result2.exc, ml.Cancelled)
+
+
+def test_interrupts_are_sticky() -> None:
+    caught = []
+
+    def stubborn() -> int:
+        while len(caught) < 5:
+            try:
+                allocate_forever()
+            except ml.Interrupted as e:
+                caught.append(e)
+        return len(caught)
+
+    result = ml.limit_allocations(stubborn, limit="1 MB")
+    assert isinstance(result, ml.Error)
+    assert len(caught) == 5
+
+
+def test_sticky_without_allocating() -> None:
+    """A swallowed token interrupt comes back in a loop that never allocates."""
+    token = ml.Token()
+    set_later(token, 0.05)
+    caught = [0]
+
+    def stubborn() -> None:
+        while True:
+            try:
+                while True:
+                    pass
+            except ml.Cancelled:
+                caught[0] += 1
+                if caught[0] == 3:
+                    raise
+
+    result = ml.limit_with_token(stubborn, token=token)
+    assert isinstance(result, ml.Error) and caught[0] == 3
+
+
+# -- threads -----------------------------------------------------------------
+
+
+def test_a_limit_never_interrupts_another_thread() -> None:
+    other: list[object] = []
+    started = threading.Event()
+
+    def other_thread() -> None:
+        def task() -> int:
+            started.set()
+            total = 0
+            for _ in range(200):
+                total += len([str(i) for i in range(1000)])
+            return total
+
+        other.append(ml.limit_allocations(task, limit="10 GB"))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    started.wait()
+    for _ in range(20):
+        assert isinstance(ml.limit_allocations(allocate_forever, limit="100 kB"), ml.Error)
+    t.join()
+    assert isinstance(other[0], ml.Ok)
+
+
+def test_threads_started_by_a_task_are_not_limited() -> None:
+    done = []
+
+    def task() -> None:
+        t = threading.Thread(target=lambda: done.append(len(bytearray(20 * 10**6))))
+        t.start()
+        t.join()
+
+    result = ml.limit_allocations(task, limit="1 MB")
+    assert isinstance(result, ml.Ok) and done == [20 * 10**6]
+
+
+def test_token_set_from_another_thread_interrupts_a_worker_thread_busy_loop() -> None:
+    results: list[object] = []
+    token = ml.Token()
+    done = False
+
+    def worker() -> None:
+        def spin() -> None:
+            while not done:
+                pass
+
+        results.append(ml.limit_with_token(spin, token=token))
+
+    t = threading.Thread(target=worker)
+    t.start()
+    time.sleep(0.1)
+    token.set()
+    t.join(5)
+    done = True
+    assert not t.is_alive()
+    assert isinstance(results[0], ml.Error) and isinstance(results[0].exc, ml.Cancelled)
+
+
+def test_worker_thread_blocked_in_sleep_is_interrupted_when_it_returns() -> None:
+    """Documented limitation: a blocked worker sees the interrupt after the call."""
+    results: list[object] = []
+    token = ml.Token()
+    t = threading.Thread(
+        target=lambda: results.append(ml.limit_with_token(lambda: time.sleep(0.5), token=token))
+    )
+    t.start()
+    time.sleep(0.05)
+    token.set()
+    t.join(5)
+    assert isinstance(results[0], ml.Error)
+
+
+# -- main thread: non-allocating loops and blocking calls ---------------------
+
+
+def _interrupt_main_after(blocking: Callable[[], object]) -> tuple[object, float]:
+    token = ml.Token()
+    set_later(token, 0.2)
+    start = time.monotonic()
+    result = ml.limit_with_token(blocking, token=token)
+    return result, time.monotonic() - start
+
+
+def test_main_thread_busy_loop_is_interrupted() -> None:
+    flag = [False]
+
+    def spin() -> None:
+        while not flag[0]:
+            pass
+
+    result, elapsed = _interrupt_main_after(spin)
+    assert isinstance(result, ml.Error) and elapsed < 5
+
+
+@pytest.mark.parametrize("kind", ["sleep", "event", "recv", "select"])
+def test_main_thread_blocked_in_a_syscall_is_interrupted(kind: str) -> None:
+    a, b = socket.socketpair()
+    event = threading.Event()
+    blocking = {
+        "sleep": lambda: time.sleep(60),
+        "event": lambda: event.wait(60),
+        "recv": lambda: a.recv(10),
+        "select": lambda: select.select([a], [], [], 60),
+    }[kind]
+    try:
+        result, elapsed = _interrupt_main_after(blocking)
+    finally:
+        a.close()
+        b.close()
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.Cancelled)
+    assert elapsed < 5, f"{kind}: interrupted after {elapsed:.2f} s"
+
+
+def test_sigint_sets_a_token_instead_of_keyboard_interrupt() -> None:
+    token = ml.Token()
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with ml.sigint_sets(token):
+        result = ml.limit_with_token(lambda: time.sleep(30), token=token)
+    assert isinstance(result, ml.Error) and token.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- global memory ------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_limit_above_current() -> object:
+    limit = _sampler.rss_bytes() + 64 * 2**20
+    ml.set_global_memory_limit(limit)
+    yield limit
+    ml.set_global_memory_limit(None)
+    ml.release_memory()
+
+
+def test_global_memory_limit_interrupts_a_growing_task(memory_limit_above_current: int) -> None:
+    def grow() -> None:
+        keep = []
+        while True:
+            keep.append(bytearray(100_000))
+
+    result = ml.limit_global_memory(grow)
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.MemoryLimitExceeded)
+    assert "global memory limit" in str(result.exc)
+    ml.release_memory()
+    assert isinstance(ml.limit_global_memory(lambda: bytearray(10**6)), ml.Ok)
+
+
+def test_tasks_keep_being_interrupted_while_memory_is_over_the_limit() -> None:
+    ml.set_global_memory_limit(max(1, _sampler.rss_bytes() // 2))
+    try:
+        for _ in range(3):
+            result = ml.limit_global_memory(lambda: [bytes(1000) for _ in range(10_000)])
+            assert isinstance(result, ml.Error)
+    finally:
+        ml.set_global_memory_limit(None)
+    assert isinstance(ml.limit_global_memory(lambda: [bytes(1000) for _ in range(10_000)]), ml.Ok)
+
+
+def test_small_object_overshoot_is_bounded(memory_limit_above_current: int) -> None:
+    """Interrupted within a few MiB of the limit (Exp(rate) bytes of samples:
+    P[overshoot > 8.8 MiB of allocation] < 1e-50, plus page granularity)."""
+    result = ml.limit_global_memory(allocate_forever)
+    assert isinstance(result, ml.Error)
+    assert _sampler.peak_rss_bytes() - memory_limit_above_current < 32 * 2**20
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numpy") is None, reason="NumPy is not installed")
+def test_numpy_arrays_count_for_the_global_limit(memory_limit_above_current: int) -> None:
+    import numpy as np
+
+    def grow() -> None:
+        keep = []
+        while True:
+            keep.append(np.ones(10**6))
+
+    result = ml.limit_global_memory(grow)
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.MemoryLimitExceeded)
+
+
+def test_global_limit_accessors() -> None:
+    ml.set_global_memory_limit("1 GiB")
+    assert ml.get_global_memory_limit() == 2**30
+    ml.set_global_memory_limit(None)
+    assert ml.get_global_memory_limit() is None
+
+
+# -- bad input ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (-1, ValueError),
+        ("nan", ValueError),
+        ("-5 MB", ValueError),
+        ("12 parsecs", ValueError),
+        ("", ValueError),
+        (True, TypeError),
+        (1.5, TypeError),
+        (math.nan, TypeError),
+        ([1], TypeError),
+    ],
+)
+def test_bad_limits_say_what_is_expected(bad: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="expected a non-negative number of bytes"):
+        ml.limit_allocations(lambda: None, limit=bad)  # type: ignore[arg-type]
+    with pytest.raises(error, match="expected"):
+        ml.set_global_memory_limit(bad)  # type: ignore[arg-type]
+
+
+def test_bad_task_and_token() -> None:
+    with pytest.raises(TypeError, match="zero-argument callable"):
+        ml.limit_allocations(42, limit=10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Token"):
+        ml.limit_with_token(lambda: None, token="stop")  # type: ignore[arg-type]
+
+
+# -- the context-manager form -------------------------------------------------
+
+
+def test_scope_absorbs_its_own_interrupt() -> None:
+    with ml.LimitScope(allocations="1 MB") as scope:
+        allocate_forever()
+    assert scope.interrupted and scope.reason == "allocations"
+    assert scope.allocated_bytes is not None and scope.allocated_bytes > 10**6
+
+
+def test_scope_does_not_absorb_an_outer_interrupt() -> None:
+    inner_scopes = []
+
+    def task() -> None:
+        with ml.LimitScope(allocations="1 GB") as inner:
+            inner_scopes.append(inner)
+            allocate_forever()
+
+    result = ml.limit_allocations(task, limit="1 MB")
+    assert isinstance(result, ml.Error)
+    assert not inner_scopes[0].interrupted
+
+
+def test_scope_records_nothing_when_not_interrupted() -> None:
+    with ml.LimitScope(allocations="10 MB", token=ml.Token(), memory=True) as scope:
+        x = [1, 2, 3]
+    assert not scope.interrupted and scope.reason is None and x
+    with pytest.raises(RuntimeError, match="only once"), scope:
+        pass
+
+
+def test_engine_starts_on_first_use() -> None:
+    run_python(
+        """
+        import memprof_limits as ml
+        assert not ml.is_started()
+        ml.limit_allocations(lambda: None, limit=100)
+        assert ml.is_started()
+        """
+    )
