@@ -1,6 +1,6 @@
 """A tour of memprof-limits in one run: each limit stops a runaway task.
 
-    python examples/demo.py
+python examples/demo.py
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ def main() -> None:
     token = ml.Token()
     threading.Timer(0.3, token.set).start()
     start = time.monotonic()
-    print("  ", ml.limit_with_token(lambda: time.sleep(60), token=token),
-          f"after {time.monotonic() - start:.2f} s")
+    print(
+        "  ",
+        ml.limit_with_token(lambda: time.sleep(60), token=token),
+        f"after {time.monotonic() - start:.2f} s",
+    )
 
     print("5. A cell with rollback, as in the kernel and the REPL")
     namespace: dict[str, object] = {"x": 1}

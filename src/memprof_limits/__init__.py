@@ -10,11 +10,6 @@ See README.md for a tour and docs/ for the design.
 
 from __future__ import annotations
 
-from ._exceptions import AllocationLimitExceeded as AllocationLimitExceeded
-from ._exceptions import Cancelled as Cancelled
-from ._exceptions import Interrupted as Interrupted
-from ._exceptions import MemoryLimitExceeded as MemoryLimitExceeded
-from ._exceptions import PoisonedError as PoisonedError
 from ._cells import Cell as Cell
 from ._cells import CellLimits as CellLimits
 from ._cells import CellOutcome as CellOutcome
@@ -24,6 +19,11 @@ from ._engine import is_started as is_started
 from ._engine import sampling_rate as sampling_rate
 from ._engine import start as start
 from ._engine import stop as stop
+from ._exceptions import AllocationLimitExceeded as AllocationLimitExceeded
+from ._exceptions import Cancelled as Cancelled
+from ._exceptions import Interrupted as Interrupted
+from ._exceptions import MemoryLimitExceeded as MemoryLimitExceeded
+from ._exceptions import PoisonedError as PoisonedError
 from ._masking import SafeMutex as SafeMutex
 from ._masking import masked as masked
 from ._masking import protect as protect

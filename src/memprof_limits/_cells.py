@@ -283,9 +283,7 @@ class CellRunner:
             outcome.wall_time_s = time.perf_counter() - start
             outcome.allocated_bytes = cell._allocated
             _sampler.set_track_rss(False)
-            outcome.peak_rss_bytes = max(
-                start_rss, _sampler.peak_rss_bytes(), _sampler.rss_bytes()
-            )
+            outcome.peak_rss_bytes = max(start_rss, _sampler.peak_rss_bytes(), _sampler.rss_bytes())
             if cell.token.is_set() and not outcome.interrupted:
                 outcome.interrupted = True
                 outcome.reason = "token"

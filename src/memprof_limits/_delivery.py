@@ -110,9 +110,7 @@ def activate(st: ThreadState) -> None:
     with _wakeup:
         _active.add(st)
         if _watchdog is None or not _watchdog.is_alive():
-            _watchdog = threading.Thread(
-                target=_watch, name="memprof_limits-watchdog", daemon=True
-            )
+            _watchdog = threading.Thread(target=_watch, name="memprof_limits-watchdog", daemon=True)
             _watchdog.start()
         _wakeup.notify()
 

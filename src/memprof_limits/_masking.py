@@ -94,7 +94,7 @@ def masked(fn: Callable[[], T]) -> T:
     return _sampler.masked_call(fn)  # type: ignore[no-any-return]
 
 
-class resource(Generic[R]):  # noqa: N801 - used like a function
+class resource(Generic[R]):
     """Context-manager form of :func:`with_resource`.
 
     >>> import memprof_limits as ml
@@ -127,7 +127,7 @@ class resource(Generic[R]):  # noqa: N801 - used like a function
         return False
 
 
-class protect(Generic[T]):  # noqa: N801 - used like a function
+class protect(Generic[T]):
     """Make a context manager interrupt-safe: its ``__enter__`` and
     ``__exit__`` run masked, and nothing can be delivered between
     ``__enter__`` returning and the ``with`` body starting.

@@ -147,8 +147,10 @@ class Guarded(Generic[T]):
         if isinstance(v, MutableMapping):
             return self._rollback_mapping(v, checkpoint.contents)
         if isinstance(v, MutableSequence):
-            changed = rebound or len(v) != len(checkpoint.contents) or any(
-                a is not b for a, b in zip(v, checkpoint.contents, strict=False)
+            changed = (
+                rebound
+                or len(v) != len(checkpoint.contents)
+                or any(a is not b for a, b in zip(v, checkpoint.contents, strict=False))
             )
             v[:] = checkpoint.contents
             return RollbackReport(restored=(self.name,) if changed else ())
@@ -159,7 +161,9 @@ class Guarded(Generic[T]):
             return RollbackReport(restored=(self.name,) if changed else ())
         return RollbackReport(restored=(self.name,) if rebound else ())
 
-    def _rollback_mapping(self, current: MutableMapping[Any, Any], old: dict[Any, Any]) -> RollbackReport:
+    def _rollback_mapping(
+        self, current: MutableMapping[Any, Any], old: dict[Any, Any]
+    ) -> RollbackReport:
         exclude = self._exclude or (lambda _k: False)
         added, changed, removed = [], [], []
         for key in [k for k in current if k not in old]:

@@ -150,9 +150,13 @@ _ERRORS = {
 def start(sampling_rate: float = DEFAULT_SAMPLING_RATE, *, seed: int = 0) -> None:
     """Install the allocator hooks (no-op if already started with these settings)."""
     if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, float | int):
-        raise TypeError(f"sampling_rate: expected a float in (0, 1] per byte, got {sampling_rate!r}")
+        raise TypeError(
+            f"sampling_rate: expected a float in (0, 1] per byte, got {sampling_rate!r}"
+        )
     if not 0 < sampling_rate <= 1:
-        raise ValueError(f"sampling_rate: expected a float in (0, 1] per byte, got {sampling_rate!r}")
+        raise ValueError(
+            f"sampling_rate: expected a float in (0, 1] per byte, got {sampling_rate!r}"
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int, got {seed!r}")
     with _lifecycle_lock:
@@ -190,8 +194,10 @@ def _patch_numpy() -> None:
     get.argtypes = [_py, ctypes.c_char_p]
     api = (ctypes.c_void_p * 307).from_address(get(capsule, None))
     # PyDataMem_DefaultHandler: API slot 306, a PyObject** to a capsule.
-    default = ctypes.cast(ctypes.c_void_p.from_address(api[306]).value, _py).value
-    _numpy_patch(get(default, b"mem_handler"))
+    slot = api[306]
+    handler = ctypes.c_void_p.from_address(slot).value if slot else None
+    if handler:
+        _numpy_patch(get(ctypes.cast(handler, _py).value, b"mem_handler"))
 
 
 def stop() -> None:

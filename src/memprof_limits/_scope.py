@@ -238,7 +238,6 @@ class LimitScope:
         now = _sampler.allocated_bytes()
         st = self._state
         assert st is not None
-        ctl = st.ctl
         self.allocated_bytes = now - self._start
         if not st.scopes or st.scopes[-1] is not self:
             # A generator or a coroutine closed scopes out of order; close
@@ -280,9 +279,7 @@ class LimitScope:
             _delivery.deactivate(st)
             return
         # What is still pending is what the scopes still open have reached.
-        if not any(
-            s.allocations is not None and now - s._start > s.allocations for s in st.scopes
-        ):
+        if not any(s.allocations is not None and now - s._start > s.allocations for s in st.scopes):
             st.clear_pending(REASON_ALLOCATIONS)
         else:
             st.add_pending(REASON_ALLOCATIONS)

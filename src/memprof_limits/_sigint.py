@@ -20,7 +20,7 @@ from ._token import Token
 __all__ = ["sigint_sets"]
 
 
-class sigint_sets:  # noqa: N801 - used like a function
+class sigint_sets:
     """Within the block, Ctrl+C (SIGINT) sets ``token`` instead of raising
     ``KeyboardInterrupt``.  Main thread only.
 
@@ -39,7 +39,9 @@ class sigint_sets:  # noqa: N801 - used like a function
 
     def __init__(self, token: Token | Any) -> None:
         if not (isinstance(token, Token) or callable(token)):
-            raise TypeError(f"sigint_sets: expected a Token or a callable returning one, got {token!r}")
+            raise TypeError(
+                f"sigint_sets: expected a Token or a callable returning one, got {token!r}"
+            )
         self._token = token
         self._previous: Any = None
 
@@ -51,7 +53,9 @@ class sigint_sets:  # noqa: N801 - used like a function
 
     def __enter__(self) -> sigint_sets:
         if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("sigint_sets() must be used in the main thread (signal handlers run there)")
+            raise RuntimeError(
+                "sigint_sets() must be used in the main thread (signal handlers run there)"
+            )
         self._previous = signal.signal(signal.SIGINT, self._handler)
         return self
 

@@ -11,7 +11,8 @@ import pytest
 import memprof_limits
 
 MODULES = sorted(
-    m.name for m in pkgutil.iter_modules(memprof_limits.__path__, "memprof_limits.")
+    m.name
+    for m in pkgutil.iter_modules(memprof_limits.__path__, "memprof_limits.")
     if not m.name.endswith(("_native", "_native_testing"))
 )
 

@@ -30,7 +30,9 @@ def test_parse_bytes_names_what_it_parses() -> None:
         parse_bytes("lots", what="allocation limit")
 
 
-@pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"),
-                                         (2**30, "1.0 GiB"), (5 * 2**40, "5.0 TiB")])
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (2**30, "1.0 GiB"), (5 * 2**40, "5.0 TiB")],
+)
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import random
 import threading
 import time
 
 import pytest
+from memprof_limits._native import ffi, lib
 
 import memprof_limits as ml
 from memprof_limits import _native_testing as nt
 from memprof_limits import _sampler
-from memprof_limits._native import ffi, lib
 from tests.conftest import run_python
 
 ALLOCATED = nt.ffi.cast("int64_t(*)(void)", ffi.cast("void *", ffi.addressof(lib, "ml_allocated")))
@@ -127,7 +128,7 @@ def test_sample_gaps_are_geometric() -> None:
     finally:
         ml.stop()
         ml.start()
-    gaps = [b - a for a, b in zip(positions, positions[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(positions)]
     assert len(gaps) > 15_000
     mean = sum(gaps) / len(gaps)
     sd_of_mean = math.sqrt((1 - rate) / rate**2 / len(gaps))
