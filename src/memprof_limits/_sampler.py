@@ -13,6 +13,7 @@ Two ways into the same shared object:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 import threading
@@ -87,7 +88,8 @@ class ThreadState:
     def __del__(self) -> None:
         # Runs in the owner thread when it exits (threading.local cleanup);
         # elsewhere it does nothing, as that thread's TLS holds another ctl.
-        lib.ml_detach_ctl(self.ctl)
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            lib.ml_detach_ctl(self.ctl)
 
     @property
     def address(self) -> int:
