@@ -132,13 +132,10 @@ class CellOutcome:
         )
 
     def interrupt_line(self) -> str:
-        """The line shown to the user for an interrupted cell."""
-        cause = {
-            "memory": "memory limit",
-            "allocations": "allocation limit",
-            "token": "interrupted",
-        }.get(self.reason or "", "interrupted")
-        parts = [f"{cause}: {self.message}" if self.message else cause]
+        """The line shown to the user for an interrupted cell, e.g.
+        ``allocation limit of 10000000 bytes reached (10001350 bytes
+        allocated); rolled back: x (changed)``."""
+        parts = [self.message or "cancelled: the token was set"]
         if self.rollback is not None:
             parts.append(self.rollback.describe())
         if self.freed_bytes is not None:
@@ -287,7 +284,7 @@ class CellRunner:
             if cell.token.is_set() and not outcome.interrupted:
                 outcome.interrupted = True
                 outcome.reason = "token"
-                outcome.message = "interrupted"
+                outcome.message = "cancelled: the token was set"
             if outcome.interrupted:
                 if checkpoints:
                     report = RollbackReport()
