@@ -1,0 +1,486 @@
+# mypy: disable-error-code="no-untyped-call"
+"""The kernel: each execute request is one cell of a ``memprof_limits.CellRunner``.
+
+The problem
+-----------
+Stock ipykernel turns both interrupt modes into SIGINT, i.e. a
+``KeyboardInterrupt`` raised wherever the main thread happens to be -- in
+user code, but also in output flushing, history, the display hook or a ZMQ
+send -- and an interrupted cell leaves the namespace half-updated
+(nbclient's ``x = 0; while True: pass`` keeps ``x = 0``).  Nothing limits
+memory: a runaway cell gets the kernel OOM-killed with all its state.
+
+What does not work, and why
+---------------------------
+- Keeping SIGINT and catching ``KeyboardInterrupt``: it cannot be masked, so
+  it still lands in kernel machinery; ipykernel's ``dispatch_shell`` then
+  logs it and sends *no* reply.
+- One token for the whole session: an interrupt that arrives between two
+  cells (or late, from the Control thread) would cancel the next cell.
+- Rolling back everything in the namespace: IPython's own bindings (``_``,
+  ``_i3``, ``In``, ``Out``, ``exit``...) would go back too, and history would
+  disagree with the execution count.
+
+The solution
+------------
+- ``do_execute`` runs the request as one cell of a ``CellRunner`` (per-cell
+  token and limits, checkpoint of the namespace and of tracked ``Guarded``
+  values); the shell (``shell.py``) runs only user code inside the cell's
+  tasks.  IPython's names are excluded from the rollback.
+- Interrupts set the *running* cell's token and nothing else:
+  ``interrupt_request`` (message mode, on the Control thread) calls
+  ``CellRunner.interrupt()``; SIGINT (signal mode, or Ctrl+C in a terminal
+  client) is mapped to the same token with ``memprof_limits.sigint_sets``
+  while a shell message is handled, and ignored otherwise.  A cell blocked in
+  ``time.sleep`` or a socket read is woken by the library's signal to the
+  main thread; a top-level ``await`` is woken through the event loop.
+- An interrupted cell replies ``status: "error"`` with the ``ename`` of the
+  cause and a one-line ``evalue`` (figures, what was rolled back, memory
+  freed), published as an ``error`` output after the rollback, so "stop on
+  error" aborts the queued cells.  The reply metadata carries the cell's
+  figures under ``"memprof_limits"``.
+- Kernel subshells (JEP 91) are refused: they would run cells concurrently
+  on the namespace that a cell's rollback restores.
+- Every ``Session.send`` runs masked: a multipart ZMQ message is never cut.
+
+Known failure cases
+-------------------
+- An interrupt request for cell N that arrives after cell N ended and cell
+  N+1 started interrupts cell N+1: the protocol's ``interrupt_request`` does
+  not say which execution it means (stock ipykernel behaves the same).
+- The debugger (debugpy) is not advertised: a paused cell is still a
+  running task, and stepping would be charged to its allocation budget.
+- A token set by the Control thread can, in a rare race, leave a stale
+  pending interrupt bit on the main thread after the cell's last task ended
+  (a core issue); after an interrupt, the kernel clears it before the next
+  cell starts, under the same lock the Control thread holds while
+  interrupting.  A stray interrupt that still reaches a cell is treated as
+  an interrupt of that cell (rolled back, reported), never as a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+from ipykernel.ipkernel import IPythonKernel
+from traitlets import Bool, Float, Type, Unicode, default
+
+import memprof_limits as ml
+
+from . import __version__
+from .magics import LimitsMagics, SessionSettings
+from .shell import MemprofLimitsShell, _rss_bytes
+
+__all__ = ["SUBSHELLS_REFUSED", "MemprofLimitsKernel"]
+
+SUBSHELLS_REFUSED = (
+    "the memprof-limits kernel does not support kernel subshells: every cell is a "
+    "transaction over the whole user namespace (rolled back if the cell is interrupted), "
+    "which needs cells to run one at a time"
+)
+
+# Bindings IPython manages in the user namespace: never rolled back.  (The
+# input history ``_i``, ``_iN`` is written before the cell runs and stays, as
+# ``In`` does; ``_``, ``__``, ``___`` are rolled back: IPython only rebinds
+# them when a cell's value is displayed, which an interrupted cell never is,
+# and user code may assign them.)
+_IPYTHON_NAMES = frozenset(
+    {
+        "_i", "_ii", "_iii", "In", "Out", "_oh", "_ih", "_dh", "_sh",
+        "exit", "quit", "get_ipython", "__builtins__", "__builtin__", "__name__", "__doc__",
+        "__package__", "__loader__", "__spec__", "__session__",
+    }
+)  # fmt: skip
+_ROLLED_BACK = frozenset({"_", "__", "___"})
+_HISTORY_NAME = re.compile(r"_i?\d+\Z")
+
+_CAUSES = {
+    "MemoryLimitExceeded": ml.MemoryLimitExceeded,
+    "AllocationLimitExceeded": ml.AllocationLimitExceeded,
+}
+
+
+def _noop() -> None:
+    pass
+
+
+def _clear_stale_interrupts() -> None:
+    """Drop interrupt reasons left pending on this thread by a task that has
+    ended (a token set from another thread just as the task closed).
+
+    Opening and closing a scope with no task running clears every pending
+    reason of the thread; masked, so nothing is delivered meanwhile.
+    """
+    ml.masked(lambda: ml.limit_with_token(_noop, token=ml.Token()))
+
+
+def _ignore_interrupts(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    """An ``unraisablehook`` that drops interrupts raised in ``__del__`` or a
+    weakref callback (they are sticky: the task gets them again)."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, ml.Interrupted):
+            return
+        previous(unraisable)
+
+    return hook
+
+
+class MemprofLimitsKernel(IPythonKernel):
+    """An IPython kernel in which every cell is a limited task.
+
+    Configuration (``--MemprofLimitsKernel.<name>=...`` or a config file):
+    ``default_limits``, ``report``, ``rollback``, ``switch_interval``,
+    ``forward_interrupt_to_children``.
+    """
+
+    implementation = "memprof_limits_kernel"
+    implementation_version = __version__
+    shell_class = Type(MemprofLimitsShell)
+
+    default_limits = Unicode(
+        help="Limits of every cell at start, e.g. 'memory=2GiB allocations=500MB' "
+        "(default: the environment variable MEMPROF_LIMITS, else no limits)."
+    ).tag(config=True)
+    report = Bool(
+        help="Print a one-line summary (allocations, peak memory, time) after each cell "
+        "(default: the environment variable MEMPROF_LIMITS_REPORT=1)."
+    ).tag(config=True)
+    rollback = Bool(True, help="Roll the user namespace back when a cell is interrupted.").tag(
+        config=True
+    )
+    switch_interval = Float(
+        0.001,
+        help="sys.setswitchinterval() at start, in seconds (0: keep Python's 0.005).  While "
+        "a cell computes it holds the GIL; a shorter interval lets the Control thread handle "
+        "an interrupt_request sooner (about 15 ms instead of 35 ms for a busy loop).",
+    ).tag(config=True)
+    forward_interrupt_to_children = Bool(
+        True,
+        help="On interrupt_request, also send SIGINT to the kernel's child processes "
+        "(as stock ipykernel does).",
+    ).tag(config=True)
+
+    @default("default_limits")
+    def _default_default_limits(self) -> str:
+        return os.environ.get("MEMPROF_LIMITS", "")
+
+    @default("report")
+    def _default_report(self) -> bool:
+        return os.environ.get("MEMPROF_LIMITS_REPORT", "").lower() in ("1", "true", "yes", "on")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        ml.start()
+        if self.switch_interval > 0:
+            sys.setswitchinterval(self.switch_interval)
+        try:
+            limits = ml.CellLimits.parse(self.default_limits or "off")
+        except ValueError as e:
+            self.log.error("memprof-limits: ignoring default limits %r: %s", self.default_limits, e)
+            limits = ml.CellLimits()
+        self.settings = SessionSettings(limits=limits, report=self.report)
+        shell = self._shell()
+        shell.register_magics(LimitsMagics(shell, self.settings))
+        shell.interrupt_waiter = self._interrupt_waiter
+        self._runner: ml.CellRunner | None = None
+        self._runner_ns: object = None
+        self._hidden: dict[str, Any] = {}
+        self._cell: ml.Cell | None = None
+        self._reply_metadata: dict[str, Any] | None = None
+        self._interrupt_lock = threading.Lock()
+        self._interrupted_since_clear = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._sigint: ml.sigint_sets | None = None
+        if self.session is not None:
+            send = self.session.send
+            # Instance attribute: every user of this Session (streams, display
+            # hook, comms, replies) sends a multipart message whole.
+            setattr(self.session, "send", lambda *a, **k: ml.masked(lambda: send(*a, **k)))  # noqa: B010
+        sys.unraisablehook = _ignore_interrupts(sys.unraisablehook)
+        self._load_profiler_extension()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Use IPython's display formatters and traceback formatters once,
+        before the first cell.  Their first use imports modules (stack_data,
+        pygments lexers) and fills caches: half a megabyte that would
+        otherwise be charged, unevenly, to the first cell that shows a value,
+        and some 70 ms added to the first interrupt's reply."""
+        shell = self._shell()
+        try:
+            formatter = shell.display_formatter
+            for value in (0, 0.5, "text", b"b", (1,), [1], {1: 1}, {1}, None, True, object()):
+                if formatter is not None:
+                    formatter.format(value)
+            try:
+                raise ml.Cancelled("warm-up")
+            except ml.Cancelled as e:
+                shell.plain_traceback(type(e), e, e.__traceback__)
+                shell.InteractiveTB.structured_traceback(type(e), e, e.__traceback__)
+        except Exception as e:  # pragma: no cover - a warm-up only
+            self.log.debug("memprof-limits: warm-up failed: %s", e)
+
+    def _shell(self) -> MemprofLimitsShell:
+        shell = self.shell
+        assert isinstance(shell, MemprofLimitsShell)
+        return shell
+
+    def _load_profiler_extension(self) -> None:
+        """Load ``%memprof`` (``memprof_limits.memprof``) if the library has it."""
+        import importlib.util
+
+        try:
+            if importlib.util.find_spec("memprof_limits.memprof") is None:
+                return
+            manager = self._shell().extension_manager
+            if manager is not None:
+                manager.load_extension("memprof_limits.memprof")
+        except Exception as e:  # the kernel works without it
+            self.log.warning("memprof-limits: could not load the %%memprof magics: %s", e)
+
+    @property
+    def banner(self) -> str:  # type: ignore[override]
+        return (
+            f"{super().banner}"
+            f"memprof-limits kernel {__version__}: every cell is a limited task; "
+            "interrupted cells are rolled back.  %limits? for help.\n"
+        )
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = dict(super().kernel_info)
+        info["supported_features"] = [
+            f
+            for f in info.get("supported_features", [])
+            if f not in ("kernel subshells", "debugger")
+        ]
+        return info
+
+    # -- the cell runner ---------------------------------------------------------
+
+    @property
+    def runner(self) -> ml.CellRunner:
+        """The cell runner over the shell's current user namespace."""
+        ns = self._shell().user_ns
+        if self._runner is None or self._runner_ns is not ns:
+            self._runner = ml.CellRunner(
+                ns, limits=self.settings.limits, rollback=self.rollback, exclude=self._excluded
+            )
+            self._runner_ns = ns
+        self._hidden = self._shell().user_ns_hidden
+        return self._runner
+
+    def _excluded(self, name: object) -> bool:
+        # Called for every name of the namespace on a rollback: keep it cheap.
+        if name in self._hidden:
+            return name not in _ROLLED_BACK
+        if name in _IPYTHON_NAMES:
+            return True
+        return isinstance(name, str) and name[:1] == "_" and _HISTORY_NAME.match(name) is not None
+
+    @contextmanager
+    def _cell_of(self, code: str) -> Iterator[ml.Cell]:
+        runner = self.runner
+        shell = self._shell()
+        stack = ExitStack()
+        with self._interrupt_lock:  # no interrupt of the previous cell is in flight
+            if self._interrupted_since_clear:
+                _clear_stale_interrupts()
+                self._interrupted_since_clear = False
+            cell = stack.enter_context(runner.cell(self.settings.cell_limits(code)))
+            self._cell = shell.current_cell = cell
+        with stack:
+            try:
+                yield cell
+            finally:
+                self._cell = shell.current_cell = None
+
+    async def do_execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
+        allow_stdin: bool = False,
+        *,
+        cell_meta: dict[str, Any] | None = None,
+        cell_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Run ``code`` as one cell; an interrupted cell is rolled back and
+        replied as an error named after its cause."""
+        shell = self._shell()
+        with self._cell_of(code) as cell:
+            reply: dict[str, Any] = await super().do_execute(
+                code,
+                silent,
+                store_history,
+                user_expressions,
+                allow_stdin,
+                cell_meta=cell_meta,
+                cell_id=cell_id,
+            )
+        outcome = cell.outcome
+        frames, rss_at_interrupt = shell.take_interrupt_report()
+        if outcome.interrupted:
+            if outcome.reason == "allocations" and cell.limits.allocations is not None:
+                # Cell.run's message gives the figures of the statement's own
+                # scope (what remained of the budget); say the cell's.
+                outcome.message = (
+                    f"allocation limit of {cell.limits.allocations} bytes reached "
+                    f"({outcome.allocated_bytes} bytes allocated)"
+                )
+            if outcome.reason == "memory" and rss_at_interrupt is not None:
+                # What the rollback itself released counts too (the runner
+                # measures only from after the rollback).
+                now = _rss_bytes()
+                if now is not None:
+                    outcome.freed_bytes = max(outcome.freed_bytes or 0, rss_at_interrupt - now)
+            reply = self._interrupted_reply(reply, outcome, frames)
+        self.settings.last = outcome
+        self._reply_metadata = outcome.metadata()
+        if self.settings.report and not silent:
+            print(f"[memprof-limits] {outcome.summary()}")
+        return reply
+
+    def _interrupted_reply(
+        self, reply: dict[str, Any], outcome: ml.CellOutcome, frames: list[str]
+    ) -> dict[str, Any]:
+        shell = self._shell()
+        ename = outcome.ename
+        evalue = outcome.interrupt_line()
+        cls = _CAUSES.get(ename, ml.Interrupted)
+        stb = frames + shell.plain_traceback(cls, cls(evalue), None)[-1:]
+        content = {"traceback": stb, "ename": ename, "evalue": evalue}
+        shell._last_traceback = stb
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        self.send_response(self.iopub_socket, "error", content, ident=self._topic("error"))
+        reply = dict(reply)
+        reply.update(content)
+        reply["status"] = "error"
+        reply["user_expressions"] = {}
+        reply.setdefault(
+            "engine_info",
+            {"engine_uuid": self.ident, "engine_id": self.int_id, "method": "execute"},
+        )
+        return reply
+
+    def finish_metadata(
+        self, parent: dict[str, Any], metadata: dict[str, Any], reply_content: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Add the cell's figures (``CellOutcome.metadata()``) under
+        ``"memprof_limits"``."""
+        metadata = super().finish_metadata(parent, metadata, reply_content)
+        figures, self._reply_metadata = self._reply_metadata, None
+        if figures is not None and reply_content.get("status") != "aborted":
+            metadata["memprof_limits"] = figures
+        return metadata
+
+    # -- interrupts --------------------------------------------------------------
+
+    def interrupt_cell(self) -> bool:
+        """Interrupt the running cell, if any (any thread).  Returns whether
+        a cell was running.  Never affects a later cell."""
+        with self._interrupt_lock:
+            self._interrupted_since_clear = True
+            running = self._runner.interrupt() if self._runner is not None else False
+        self._wake_waiters()
+        return running
+
+    def _interrupt_waiter(self) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (loop, fut)
+        self._waiters.append(entry)
+        fut.add_done_callback(lambda _f: self._waiters.remove(entry))
+        return fut
+
+    def _wake_waiters(self) -> None:
+        for loop, fut in list(self._waiters):
+
+            def wake(fut: asyncio.Future[None] = fut) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            try:
+                loop.call_soon_threadsafe(wake)
+            except RuntimeError:  # loop closed
+                pass
+
+    def _sigint_token(self) -> ml.Token | None:
+        """For ``sigint_sets``: the running cell's token (and wake an await)."""
+        self._interrupted_since_clear = True  # main thread: no lock needed (or possible)
+        cell = self._cell
+        if cell is None:
+            return None
+        self._wake_waiters()
+        return cell.token
+
+    def pre_handler_hook(self) -> None:
+        """While a shell message is handled: SIGINT sets the running cell's
+        token (never ``KeyboardInterrupt``)."""
+        sigint = ml.sigint_sets(self._sigint_token)
+        sigint.__enter__()
+        self._sigint = sigint
+
+    def post_handler_hook(self) -> None:
+        """Back to ignoring SIGINT (as ipykernel does when idle)."""
+        sigint, self._sigint = self._sigint, None
+        if sigint is not None:
+            sigint.__exit__(None, None, None)
+
+    @contextmanager
+    def _cancel_on_sigint(self, future: Any) -> Iterator[None]:
+        # ipykernel maps SIGINT to cancelling a top-level-await cell; here
+        # SIGINT sets the cell's token like for any other cell.
+        yield
+
+    async def interrupt_request(self, stream: Any, ident: Any, parent: Any) -> None:
+        """Message-mode interrupt (Control thread): set the running cell's
+        token -- no SIGINT to the kernel itself."""
+        if not self.session:
+            return
+        self.interrupt_cell()
+        if self.forward_interrupt_to_children:
+            self._interrupt_children()
+        self.session.send(stream, "interrupt_reply", {"status": "ok"}, parent, ident=ident)
+
+    def _interrupt_children(self) -> None:
+        try:
+            import psutil  # type: ignore[import-untyped,unused-ignore]
+        except ImportError:  # pragma: no cover - ipykernel depends on psutil
+            return
+        try:
+            children = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return
+        for child in children:
+            try:
+                child.send_signal(signal.SIGINT)
+            except psutil.Error:
+                pass
+
+    # -- subshells ---------------------------------------------------------------
+
+    async def create_subshell_request(self, socket: Any, ident: Any, parent: Any) -> None:
+        """Refuse: see :data:`SUBSHELLS_REFUSED`."""
+        if not self.session:
+            return
+        self.log.warning("memprof-limits: %s", SUBSHELLS_REFUSED)
+        content = {
+            "status": "error",
+            "ename": "SubshellsNotSupported",
+            "evalue": SUBSHELLS_REFUSED,
+            "traceback": [],
+        }
+        self.session.send(socket, "create_subshell_reply", content, parent, ident)

@@ -1,0 +1,497 @@
+# mypy: disable-error-code="no-untyped-call"
+"""The IPython shell of the kernel: what runs inside a cell's limited region.
+
+The problem
+-----------
+Every cell must run as a limited task (``memprof_limits.Cell.run``) so that
+allocation limits, the global memory limit and interrupts apply to it -- but
+only the *user's* code may run there.  IPython's ``run_cell`` interleaves user
+code with its own machinery: history, the display hook that publishes
+``execute_result`` over ZMQ, output streams, traceback display.  An
+interrupt that lands in that machinery corrupts it (a multipart ZMQ message
+cut in half, a history entry half-written) or shows a traceback from kernel
+internals.
+
+What does not work, and why
+---------------------------
+- Wrapping ``run_cell`` (or ``do_execute``) in one task: the whole of IPython
+  runs limited and interruptible, which is exactly the hazard above, and the
+  allocation count of a cell would include IPython's bookkeeping (history
+  writes, message serialisation with timestamps), which is not reproducible.
+- Masking the whole display hook: it calls the user's ``__repr__`` /
+  ``_repr_html_``, which can loop or allocate without bound -- masked, it
+  could not be interrupted.
+- Letting IPython's ``run_code`` catch the interrupt: its bare ``except:``
+  shows a traceback that starts in the kernel, and the error is reported
+  before the namespace is rolled back, so it cannot say what was undone.
+
+The solution
+------------
+- ``run_code`` (called by IPython once per top-level statement) executes the
+  statement's code object with ``cell.run(...)``: the statements of a cell
+  share its budget and token; everything around them stays outside.
+- The last expression of a cell is compiled in ``single`` mode, so CPython
+  calls the display hook *inside* ``exec``.  ``LimitedDisplayHook`` splits it:
+  the user's formatters run inside the task; the publication (``Out``/``_``
+  history, the ZMQ message) is deferred and done by ``run_code`` after the
+  task returns -- outside the limited region, and only if the statement was
+  not interrupted.
+- What kernel machinery can still be reached from inside the task runs
+  masked (interrupts deferred to its end): ``display()`` publication,
+  ``sys.stdout``/``sys.stderr`` writes and flushes (see ``iostream.py``),
+  IPython's output tee, ``_showtraceback`` and, set up by the kernel, every
+  ``Session.send``.
+- An interrupted statement shows nothing here: the shell records a short
+  traceback of the *user* frames (from the cell's own code object down), and
+  the kernel publishes the error after the rollback, when it can say what
+  was rolled back.
+- Top-level ``await`` cells: the coroutine is stepped with ``cell.run`` (each
+  step is limited); what it awaits is awaited outside the task, raced against
+  an interrupt so that an interrupted ``await asyncio.sleep(60)`` ends at once.
+
+Known failure cases
+-------------------
+- Magics and other IPython code called *from* user code (``%run``,
+  ``%timeit``, ``get_ipython().run_line_magic``) run inside the task and can
+  be interrupted half-way, like any library the user calls.
+- While a top-level ``await`` waits, the event loop runs other tasks the user
+  created (``asyncio.create_task``) outside any limit.
+- Allocations made by masked machinery (stdout buffering, ``display()``
+  messages) still count against the cell's allocation budget: printing is
+  work the cell asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from types import CodeType, TracebackType
+from typing import Any, Literal
+
+from ipykernel.displayhook import ZMQShellDisplayHook
+from ipykernel.zmqshell import ZMQDisplayPublisher, ZMQInteractiveShell
+from IPython.core.error import UsageError
+from traitlets import Type
+
+import memprof_limits as ml
+
+from .magics import split_cell_limits
+
+__all__ = ["LimitedDisplayHook", "LimitedDisplayPublisher", "MemprofLimitsShell"]
+
+
+class LimitedDisplayHook(ZMQShellDisplayHook):
+    """The display hook of the last expression of a cell, split in two.
+
+    While ``defer`` is true (the shell sets it around a task), a call only
+    formats the value -- the user's code, in the task -- and keeps the
+    result; :meth:`publish_deferred` then updates ``Out``/``_`` and sends the
+    ``execute_result`` message, outside the task.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.defer = False
+        self.formatting = False
+        self._deferred: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
+
+    def __call__(self, result: Any = None) -> None:
+        if not self.defer:
+            super().__call__(result)
+            return
+        if result is None or ml.masked(self._silenced):
+            return
+        self.formatting = True  # a formatter's error fails the request, as in ipykernel
+        try:
+            format_dict, md_dict = self.compute_format_data(result)  # user code: limited
+        finally:
+            self.formatting = False
+        self._deferred = (result, format_dict, md_dict)
+
+    def _silenced(self) -> bool:
+        self.check_for_underscore()
+        return bool(self.quiet())
+
+    def discard_deferred(self) -> None:
+        """Forget a value formatted by an interrupted statement."""
+        self._deferred = None
+
+    def publish_deferred(self) -> None:
+        """Publish the value kept by the last call (outside any task)."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            return
+        result, format_dict, md_dict = deferred
+        self.start_displayhook()
+        self.write_output_prompt()
+        self.update_user_ns(result)
+        self.fill_exec_result(result)
+        if format_dict:
+            self.write_format_data(format_dict, md_dict)
+            self.log_output(format_dict)
+        self.finish_displayhook()
+
+
+class LimitedDisplayPublisher(ZMQDisplayPublisher):
+    """``display()`` publication runs masked: the user's formatters run before
+    it (limited), the message is sent whole or not at all."""
+
+    def publish(self, *args: Any, **kwargs: Any) -> None:
+        ml.masked(lambda: super(LimitedDisplayPublisher, self).publish(*args, **kwargs))
+
+    def clear_output(self, *args: Any, **kwargs: Any) -> None:
+        ml.masked(lambda: super(LimitedDisplayPublisher, self).clear_output(*args, **kwargs))
+
+
+def _masked_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return ml.masked(lambda: fn(*args, **kwargs))
+
+    return call
+
+
+class MemprofLimitsShell(ZMQInteractiveShell):
+    """``ZMQInteractiveShell`` whose user code runs in the kernel's current
+    cell (:attr:`current_cell`, set by the kernel for each execute request).
+
+    With no current cell (code run by IPython outside an execute request),
+    it behaves as the stock shell.
+    """
+
+    displayhook_class = Type(LimitedDisplayHook)
+    display_pub_class = Type(LimitedDisplayPublisher)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The cell being run (set by the kernel), or None.
+        self.current_cell: ml.Cell | None = None
+        #: Called with no argument when a top-level ``await`` starts waiting:
+        #: returns a future that an interrupt completes (set by the kernel).
+        self.interrupt_waiter: Callable[[], asyncio.Future[None]] | None = None
+        self._depth = 0  # > 0 while a task of the current cell runs
+        self._interrupt_frames: list[str] = []
+        self._interrupt_rss: int | None = None
+
+    def _hook(self) -> LimitedDisplayHook:
+        hook = self.displayhook
+        assert isinstance(hook, LimitedDisplayHook)
+        return hook
+
+    # -- %%limits ----------------------------------------------------------------
+
+    def transform_cell(self, raw_cell: str) -> str:
+        """Drop a leading ``%%limits`` line (the kernel reads it before the
+        cell runs); a bad specification is a ``UsageError`` before execution."""
+        spec, body = split_cell_limits(raw_cell)
+        if spec is not None:
+            try:
+                ml.CellLimits.parse(spec)
+            except ValueError as e:
+                raise UsageError(f"%%limits: {e}") from None
+            if not body.lstrip().startswith("%%"):
+                # Keep line numbers: comment the line out instead of removing it.
+                body = "# %%limits " + spec + "\n" + body
+        return super().transform_cell(body)  # type: ignore[no-any-return]
+
+    # -- running user code -----------------------------------------------------
+
+    async def run_code(
+        self, code_obj: CodeType, result: Any = None, *, async_: bool = False
+    ) -> bool:
+        """Run one top-level statement; ``True`` if it failed (IPython's contract).
+
+        In a cell, the statement runs as a task of the cell; an interrupt
+        stops the cell (no traceback is shown here: the kernel reports it).
+        """
+        __tracebackhide__ = "__ipython_bottom__"
+        cell = self.current_cell
+        old_excepthook, sys.excepthook = sys.excepthook, self.excepthook
+        self.sys_excepthook = old_excepthook
+        try:
+            try:
+                if cell is not None and self._depth == 0:
+                    if async_:
+                        return await self._run_async_in_cell(cell, code_obj, result)
+                    return self._run_in_cell(cell, code_obj, result)
+                # Outside a cell, or nested (run_cell called from user code):
+                # the enclosing task, if any, limits it.
+                if async_:
+                    await self._await_plain(code_obj)
+                else:
+                    self._run_plain(code_obj)
+            finally:
+                sys.excepthook = old_excepthook
+        except BaseException as e:
+            if isinstance(e, ml.Interrupted) and cell is not None and self._depth == 0:
+                # An interrupt that no limit of this cell absorbed (a stray
+                # delivery): the statement stopped half-way, so treat the cell
+                # as interrupted -- it is rolled back and reported as such.
+                cell.token.set()
+                self._record_interrupt(cell, code_obj, e, result)
+                return True
+            return self._handle_exception(e, code_obj, result)
+        return False
+
+    def _run_plain(self, code_obj: CodeType) -> None:
+        hook = self._hook()
+        defer, hook.defer = hook.defer, False
+        try:
+            exec(code_obj, self.user_global_ns, self.user_ns)
+        finally:
+            hook.defer = defer
+
+    async def _await_plain(self, code_obj: CodeType) -> None:
+        hook = self._hook()
+        defer, hook.defer = hook.defer, False
+        try:
+            await eval(code_obj, self.user_global_ns, self.user_ns)
+        finally:
+            hook.defer = defer
+
+    def _run_in_cell(self, cell: ml.Cell, code_obj: CodeType, result: Any) -> bool:
+        hook = self._hook()
+        task = partial(exec, code_obj, self.user_global_ns, self.user_ns)
+        self._depth += 1
+        hook.defer = True
+        try:
+            outcome = cell.run(task)
+        except BaseException:
+            hook.discard_deferred()
+            raise
+        finally:
+            self._depth -= 1
+            hook.defer = hook.formatting = False  # (an interrupt may skip the hook's own reset)
+        if isinstance(outcome, ml.Error):
+            hook.discard_deferred()
+            self._record_interrupt(cell, code_obj, outcome.exc, result)
+            return True
+        hook.publish_deferred()
+        return False
+
+    async def _run_async_in_cell(self, cell: ml.Cell, code_obj: CodeType, result: Any) -> bool:
+        coro = eval(code_obj, self.user_global_ns, self.user_ns)  # creates it; runs nothing
+        hook = self._hook()
+        send: tuple[str, Any] = ("send", None)
+
+        def step() -> tuple[str, Any]:
+            try:
+                if send[0] == "throw":
+                    return ("yield", coro.throw(send[1]))
+                return ("yield", coro.send(None))
+            except StopIteration as stop:
+                return ("done", stop.value)
+
+        waited: Any = None
+        try:
+            while True:
+                self._depth += 1
+                hook.defer = True
+                try:
+                    outcome = cell.run(step)
+                except BaseException:
+                    hook.discard_deferred()
+                    raise
+                finally:
+                    self._depth -= 1
+                    hook.defer = hook.formatting = False
+                if isinstance(outcome, ml.Error):
+                    hook.discard_deferred()
+                    self._record_interrupt(cell, code_obj, outcome.exc, result)
+                    return True
+                kind, waited = outcome.value
+                if kind == "done":
+                    hook.publish_deferred()
+                    return False
+                send = await self._wait_outside(cell, waited)
+        finally:
+            if waited is not None and hasattr(waited, "cancel") and not waited.done():
+                waited.cancel()
+            try:
+                coro.close()  # runs the coroutine's cleanup; no-op if it finished
+            except RuntimeError:  # it ignored GeneratorExit: nothing more to do
+                pass
+
+    async def _wait_outside(self, cell: ml.Cell, waited: Any) -> tuple[str, Any]:
+        """Wait, outside the task, for what a coroutine step yielded (asyncio's
+        Task protocol); an interrupt ends the wait early."""
+        if waited is None:  # bare yield: give the loop one turn
+            await asyncio.sleep(0)
+            return ("send", None)
+        if getattr(waited, "_asyncio_future_blocking", None) is None:
+            return ("throw", RuntimeError(f"a top-level await yielded {waited!r}, not a future"))
+        waited._asyncio_future_blocking = False
+        waiter = self.interrupt_waiter() if self.interrupt_waiter else None
+        try:
+            pending: set[asyncio.Future[Any]] = {asyncio.ensure_future(waited)}
+            if waiter is not None:
+                pending.add(waiter)
+            if not cell.token.is_set():  # else: interrupted before the waiter existed
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+        # Either the future is done (the step reads its result), or the cell
+        # was interrupted: the next step is refused by cell.run.
+        return ("send", None)
+
+    def _record_interrupt(
+        self, cell: ml.Cell, code_obj: CodeType, exc: BaseException, result: Any
+    ) -> None:
+        """Keep what the kernel needs to report an interrupted statement: a
+        short traceback of the user's frames (IPython's plain format: the
+        verbose one costs tens of milliseconds per frame) and the resident
+        memory now."""
+        self._interrupt_rss = _rss_bytes()
+        tb = _user_traceback(exc.__traceback__, code_obj, interrupt=True)
+        self._interrupt_frames = self.plain_traceback(type(exc), exc, tb)[:-1] if tb else []
+        if cell.outcome.reason == "memory":
+            # The frames' locals may hold what exhausted memory: let it go.
+            seen: BaseException | None = exc
+            while seen is not None:
+                if seen.__traceback__ is not None:
+                    traceback.clear_frames(seen.__traceback__)
+                seen = seen.__context__
+        # Shown by the kernel; IPython would format it again (verbosely) for
+        # its history.
+        exc.__traceback__ = None
+        if result is not None:
+            result.error_in_exec = exc
+
+    def plain_traceback(
+        self, etype: type[BaseException], evalue: BaseException, tb: TracebackType | None
+    ) -> list[str]:
+        """IPython's structured traceback in its short ("Plain") mode."""
+        formatter = self.InteractiveTB
+        mode = formatter.mode
+        try:
+            formatter.set_mode("Plain")
+            return list(formatter.structured_traceback(etype, evalue, tb, tb_offset=0))
+        except Exception:
+            return [*traceback.format_tb(tb), f"{etype.__name__}: {evalue}"]
+        finally:
+            formatter.set_mode(mode)
+
+    def take_interrupt_report(self) -> tuple[list[str], int | None]:
+        """The user frames of the last interrupt (formatted) and the resident
+        memory when it happened; clears them."""
+        report = (self._interrupt_frames, self._interrupt_rss)
+        self._interrupt_frames, self._interrupt_rss = [], None
+        return report
+
+    def _handle_exception(self, e: BaseException, code_obj: CodeType, result: Any) -> bool:
+        """IPython's handling of an exception from user code (``run_code``),
+        with the traceback cut to the user's frames."""
+        import bdb
+
+        if isinstance(e, ml.Interrupted) and self._depth > 0:
+            raise e  # nested run_cell: the interrupt belongs to the enclosing task
+        if result is not None:
+            result.error_in_exec = e
+        if isinstance(e, SystemExit):
+            self.showtraceback(exception_only=True)
+            import warnings
+
+            warnings.warn("To exit: use 'exit', 'quit', or Ctrl-D.", stacklevel=1)
+        elif isinstance(e, bdb.BdbQuit):
+            pass
+        elif self.custom_exceptions and isinstance(e, self.custom_exceptions):
+            self.CustomTB(type(e), e, e.__traceback__)
+        else:
+            tb = _user_traceback(e.__traceback__, code_obj) or e.__traceback__
+            self.showtraceback((type(e), e, tb), tb_offset=0, running_compiled_code=True)
+        return True
+
+    # -- user_expressions ------------------------------------------------------
+
+    def user_expressions(self, expressions: dict[str, str]) -> dict[str, Any]:
+        """Evaluate ``user_expressions`` as tasks of the current cell (same
+        budget, same token); an interrupt stops the remaining ones."""
+        cell = self.current_cell
+        if cell is None:
+            return super().user_expressions(expressions)  # type: ignore[no-any-return]
+        out: dict[str, Any] = {}
+        for key, expr in expressions.items():
+            self._depth += 1
+            try:
+                outcome = cell.run(partial(self._user_expression, expr))
+            except BaseException:
+                out[key] = self._user_obj_error()
+                continue
+            finally:
+                self._depth -= 1
+            if isinstance(outcome, ml.Error):
+                break
+            out[key] = outcome.value
+        return out
+
+    def _user_expression(self, expr: str) -> Any:
+        return self._format_user_obj(eval(expr, self.user_global_ns, self.user_ns))
+
+    # -- machinery reachable from user code: masked ----------------------------
+
+    def _showtraceback(self, etype: Any, evalue: Any, stb: Any) -> None:
+        ml.masked(lambda: super(MemprofLimitsShell, self)._showtraceback(etype, evalue, stb))
+        if self._hook().formatting:  # ipykernel checks the display hook's message instead
+            self._last_traceback_during_displayhook = True
+
+    @contextmanager
+    def _tee(self, channel: Literal["stdout", "stderr"]) -> Iterator[None]:
+        with super()._tee(channel=channel):
+            stream = getattr(sys, channel)
+            teed = getattr(stream, "__dict__", {}).get("write")
+            if teed is not None:
+                stream.write = _masked_call(teed)
+            try:
+                yield
+            finally:
+                if teed is not None:
+                    stream.write = teed
+
+
+_LIBRARY_DIR = os.path.dirname(ml.__file__) + os.sep
+
+
+def _user_traceback(
+    tb: TracebackType | None, code_obj: CodeType, *, interrupt: bool = False
+) -> TracebackType | None:
+    """The part of ``tb`` from the statement's own frame down: without the
+    kernel's and the library's frames above the user's code, nor, for an
+    interrupt, the library's delivery frames (its signal handler) below it."""
+    while tb is not None and tb.tb_frame.f_code is not code_obj:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    if not interrupt:
+        return tb
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        tb = tb.tb_next
+    while len(entries) > 1 and entries[-1].tb_frame.f_code.co_filename.startswith(_LIBRARY_DIR):
+        entries.pop()
+    if entries[-1].tb_next is None:
+        return entries[0]
+    rebuilt: TracebackType | None = None
+    for entry in reversed(entries):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of the process now (Linux), or None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+try:
+    _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+    _PAGE_SIZE = 4096

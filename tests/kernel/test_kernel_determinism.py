@@ -1,0 +1,87 @@
+"""The allocation count of a cell is deterministic: the same proof-step-like
+cell (a small search under a fuel limit, ``%%limits allocations=``) in two
+fresh kernels reports the same bytes and the same outcome.
+
+What makes it so: the kernelspec fixes ``PYTHONHASHSEED`` (the search below
+visits its rules in the iteration order of a set of strings), only user code
+runs inside the cell's task, and IPython's display formatters are warmed up
+before the first cell.  See docs/kernel.md, "Determinism", for what still
+varies (CPython's free lists, GC timing).
+"""
+
+from __future__ import annotations
+
+from kernel_helpers import MESSAGE, Kernel
+
+SETUP = '''
+RULES = {
+    "push0": lambda s: s + "0",
+    "push1": lambda s: s + "1",
+    "swap": lambda s: s[-1] + s[1:-1] + s[0] if len(s) > 1 else s,
+    "flip": lambda s: s.translate(FLIP),
+    "drop": lambda s: s[1:],
+}
+FLIP = str.maketrans("01", "10")
+ORDER = set(RULES)  # the search's rule order: the iteration order of a set of strings
+
+def search(goal, start="1"):
+    """Breadth-first search for a derivation of `goal` (states are strings)."""
+    seen = {start: ""}
+    frontier = [start]
+    i = 0
+    while i < len(frontier):
+        s = frontier[i]
+        i += 1
+        if s == goal:
+            return seen[s]
+        for name in ORDER:
+            t = RULES[name](s)
+            if t not in seen and len(t) <= len(goal):
+                seen[t] = seen[s] + " " + name
+                frontier.append(t)
+    return None
+'''
+# Enough fuel: the search completes.  Too little: it is interrupted.
+PROVED = "%%limits allocations=20MB\nproof = search('0110100111')"
+STARVED = "%%limits allocations=1MB\nproof2 = search('011010011101')"
+
+
+def _steps(k: Kernel) -> list[tuple[str, str | None, int]]:
+    k.ok(SETUP)
+    out = []
+    for code in (PROVED, STARVED):
+        r = k.run(code)
+        out.append((r.status, r.content.get("ename"), r.figures["allocated_bytes"]))
+    return out
+
+
+def test_same_cell_same_count_in_fresh_kernels() -> None:
+    runs = []
+    for _ in range(2):
+        k = Kernel(MESSAGE)
+        try:
+            runs.append(_steps(k))
+            proof = k.value("proof")
+        finally:
+            k.close()
+    (proved_1, starved_1), (proved_2, starved_2) = runs
+    assert proved_1 == proved_2, runs
+    assert proved_1[0] == "ok" and proved_1[2] > 1_000_000
+    assert proof.startswith("' flip push1")
+    # Same outcome when the fuel runs out, at the budget.
+    assert starved_1[:2] == starved_2[:2] == ("error", "AllocationLimitExceeded"), runs
+    for starved in (starved_1, starved_2):
+        assert 1_000_000 < starved[2] < 1_010_000, runs
+    # The count after the interrupt includes its delivery, which the library
+    # may repeat (sticky interrupts); it is the same in the common case:
+    # docs/kernel.md, "Determinism".
+
+
+def test_count_depends_on_the_rule_order(kernel: Kernel) -> None:
+    """The check above would catch hash randomisation: another iteration
+    order (that of PYTHONHASHSEED=3) is another search and another count."""
+    kernel.ok(SETUP)
+    first = kernel.ok(PROVED).figures["allocated_bytes"]
+    assert kernel.ok(PROVED).figures["allocated_bytes"] == first
+    kernel.ok("ORDER = ['drop', 'flip', 'push1', 'push0', 'swap']")
+    assert kernel.ok(PROVED).figures["allocated_bytes"] != first

@@ -1,0 +1,93 @@
+"""300 interrupts at random moments over a series of cells, in each interrupt
+mode: every execute_request gets exactly one reply, the kernel never dies,
+no traceback comes from kernel internals, and the namespace stays
+consistent with the replies (rolled back exactly for the interrupted cells)."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+import time
+from typing import Any
+
+import pytest
+from kernel_helpers import MESSAGE, SIGNAL, Kernel
+
+# MEMPROF_LIMITS_STRESS_ROUNDS=5000 for a soak run.
+INTERRUPTS = int(os.environ.get("MEMPROF_LIMITS_STRESS_ROUNDS", "300"))
+
+# A cell: a partial update (a), a short busy loop, then the update is
+# committed (counter, log).  Interrupted anywhere, it must leave no trace.
+CELL = """\
+a = counter + 1
+log.value.append(a)
+t = time.perf_counter()
+while time.perf_counter() - t < {busy}:
+    junk = [i for i in range(50)]
+counter = a
+"""
+SETUP = "import time\nimport memprof_limits as ml\ncounter = 0\nlog = ml.Guarded([], name='log')"
+KERNEL_FRAMES = re.compile(r"ipykernel|IPython/core|memprof_limits/_|memprof_limits_kernel|zmq")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [MESSAGE, SIGNAL], ids=["message", "signal"])
+def test_random_interrupts(name: str) -> None:
+    rng = random.Random(20261122)
+    with tempfile.TemporaryFile("w+") as kernel_stderr:
+        k = Kernel(name, stderr=kernel_stderr)
+        try:
+            ok, interrupted = _hammer(k, rng)
+            assert k.km.is_alive()
+            assert ok + interrupted == INTERRUPTS
+            assert interrupted >= INTERRUPTS // 4, (ok, interrupted)
+            print(f"{name}: {ok} cells completed, {interrupted} interrupted")
+            # The namespace agrees with the replies: one commit per ok cell.
+            assert k.value("counter") == str(ok)
+            assert k.value("log.value == list(range(1, counter + 1))") == "True"
+            assert k.value("'junk' not in globals() or a == counter") == "True"
+            k.ok("get_ipython().kernel.log.error('end of the stress test')")
+        finally:
+            k.close()
+        kernel_stderr.seek(0)
+        log = kernel_stderr.read()
+    assert "end of the stress test" in log  # the kernel's log was captured
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+
+
+def _hammer(k: Kernel, rng: random.Random) -> tuple[int, int]:
+    k.ok(SETUP)
+    ok = interrupted = 0
+    for _ in range(INTERRUPTS):
+        msg_id = k.submit(CELL.format(busy=rng.choice([0.0, 0.005, 0.01, 0.02])))
+        time.sleep(rng.uniform(0, 0.02))
+        k.km.interrupt_kernel()
+        reply = k.collect(msg_id, timeout=30)
+        if reply.status == "ok":
+            ok += 1
+        else:
+            interrupted += 1
+            _check_interrupted(reply)
+    # Exactly one reply per request: nothing else arrives on the shell channel.
+    extra: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        try:
+            extra.append(k.kc.get_shell_msg(timeout=0.1))
+        except Exception:
+            pass
+    assert not extra, extra
+    return ok, interrupted
+
+
+def _check_interrupted(reply: Any) -> None:
+    content = reply.content
+    assert reply.status == "error" and content["ename"] == "Interrupted", content
+    tb = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(content["traceback"]))
+    assert "KeyboardInterrupt" not in tb
+    assert not KERNEL_FRAMES.search(tb), tb
+    for output in reply.outputs:
+        if output["msg_type"] == "stream":
+            assert "Traceback" not in output["content"]["text"], output
