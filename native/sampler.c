@@ -302,6 +302,16 @@ PyAPI_FUNC(void) _PyEval_SignalAsyncExc(PyInterpreterState *interp);
 #define ML_ASYNC_EXCEPTION_BIT ((uintptr_t)1 << 3)
 #endif
 
+static int64_t effective_pending(ml_ctl_t *ctl)
+{
+    int64_t pending = __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST);
+    for (int64_t i = 0; i < ctl->n_tokens && i < ML_MAX_TOKENS; i++)
+        if (__atomic_load_n(ctl->token_flags[i], __ATOMIC_SEQ_CST)) return pending | ML_REASON_TOKEN;
+    return pending;
+}
+
+int64_t ml_ctl_pending(ml_ctl_t *ctl) { return ctl ? effective_pending(ctl) : 0; }
+
 static PyObject *class_for(int64_t pending)
 {
     if (pending & ML_REASON_MEMORY) return g_exc_memory;
@@ -369,8 +379,9 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
             __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
     }
     reset_countdown(t, allocated);
+    if (ctl) ctl->slow_paths++;
     if (ctl && ctl->active > 0) {
-        int64_t pending = __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST);
+        int64_t pending = effective_pending(ctl);
         if (pending) {
             if (ctl->mask_depth > 0) {
                 ctl->deferred++;
@@ -781,7 +792,7 @@ PyAPI_FUNC(int) ml_set_classes(PyObject *base, PyObject *memory, PyObject *alloc
 PyAPI_FUNC(int) ml_arm(ml_ctl_t *ctl)
 {
     if (ctl == NULL || ctl->active <= 0) return 0;
-    int64_t pending = __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST);
+    int64_t pending = effective_pending(ctl);
     if (!pending) return 0;
     if (ctl->mask_depth > 0) {
         ctl->deferred++;
@@ -820,9 +831,10 @@ static void mask_enter(ml_ctl_t *ctl, PyObject **other)
 static void mask_exit(ml_ctl_t *ctl)
 {
     ctl->mask_depth--;
-    if (ctl->mask_depth == 0 && ctl->active > 0 &&
-        __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST))
-        arm_current_thread(ctl, __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST));
+    if (ctl->mask_depth == 0 && ctl->active > 0) {
+        int64_t pending = effective_pending(ctl);
+        if (pending) arm_current_thread(ctl, pending);
+    }
 }
 
 /* The current thread's ctl, created by Python if needed.  While a thread has

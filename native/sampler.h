@@ -17,6 +17,9 @@
 #define ML_REASON_ALLOCATIONS 2
 #define ML_REASON_TOKEN 4
 
+/* Most token scopes open at once on one thread. */
+#define ML_MAX_TOKENS 32
+
 /* Errors returned by ml_start / ml_stop. */
 #define ML_OK 0
 #define ML_ERR_ALREADY_STARTED 1
@@ -37,6 +40,13 @@ typedef struct {
     unsigned long thread_id; /* PyThread_get_thread_ident() of the owner; set once. */
     int64_t arms;         /* interrupts armed for this thread (statistics); GIL or owner. */
     int64_t deferred;     /* arms refused because masked (statistics); GIL or owner. */
+    int64_t slow_paths;   /* slow paths taken by the owner (the watchdog's progress probe) */
+    /* The flags of the tokens watched by the open scopes: ML_REASON_TOKEN is
+     * pending iff one of them is set, so a token set late (after its scope
+     * closed) can never interrupt a later task.  Owner writes, with the GIL;
+     * the flags themselves are written by Token.set() with the GIL. */
+    int64_t *token_flags[ML_MAX_TOKENS];
+    int64_t n_tokens;
 } ml_ctl_t;
 
 /* Engine life cycle (take the GIL internally). */
@@ -68,6 +78,8 @@ ml_ctl_t *ml_get_ctl(void);
 void ml_detach_ctl(ml_ctl_t *ctl);   /* clears the TLS pointer if it is ctl */
 void ml_ctl_add_pending(ml_ctl_t *ctl, int64_t bits);
 void ml_ctl_clear_pending(ml_ctl_t *ctl, int64_t bits);
+/* The reasons pending: ctl->pending, plus ML_REASON_TOKEN if a watched token is set. */
+int64_t ml_ctl_pending(ml_ctl_t *ctl);
 
 /* Global memory limit (bytes of resident memory; <= 0: none) and RSS. */
 void ml_set_global_limit(int64_t bytes);

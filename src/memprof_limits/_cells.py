@@ -199,12 +199,15 @@ class Cell:
         outcome.interrupted = True
         outcome.reason = scope.reason
         outcome.exception = exc
-        outcome.message = str(exc) if isinstance(exc, Interrupted) else _scope_message(scope)
+        if scope.reason == "allocations" and self.limits.allocations is not None:
+            # The figures of the cell, not of this task's share of its budget.
+            outcome.message = (
+                f"allocation limit of {self.limits.allocations} bytes reached "
+                f"({self._allocated} bytes allocated)"
+            )
+        else:
+            outcome.message = str(exc) if isinstance(exc, Interrupted) else _describe_scope(scope)
         return Error(exc)
-
-
-def _scope_message(scope: LimitScope) -> str:
-    return _describe_scope(scope)
 
 
 class CellRunner:
@@ -286,13 +289,16 @@ class CellRunner:
                 outcome.reason = "token"
                 outcome.message = "cancelled: the token was set"
             if outcome.interrupted:
+                # Measured before the rollback, which frees what the cell kept.
+                rss_at_interrupt = _sampler.rss_bytes()
                 if checkpoints:
                     report = RollbackReport()
                     for guard, checkpoint in checkpoints:
                         report = report.merge(guard.rollback(checkpoint))
                     outcome.rollback = report
                 if outcome.reason == "memory":
-                    outcome.freed_bytes = release_memory()
+                    release_memory()
+                    outcome.freed_bytes = max(0, rss_at_interrupt - _sampler.rss_bytes())
             if limits.memory is not None:
                 set_global_memory_limit(previous_limit)
             self.last = outcome

@@ -51,7 +51,7 @@ from types import FrameType
 from . import _exceptions, _sampler
 from ._sampler import REASON_ALLOCATIONS, REASON_MEMORY, ThreadState
 
-__all__ = ["INTERRUPT_SIGNAL", "REDELIVERY_INTERVAL_S", "activate", "deactivate", "request"]
+__all__ = ["INTERRUPT_SIGNAL", "REDELIVERY_INTERVAL_S", "activate", "deactivate", "nudge"]
 
 INTERRUPT_SIGNAL = signal.SIGRTMIN + 2
 REDELIVERY_INTERVAL_S = 0.01
@@ -79,12 +79,18 @@ def deliver_in_handler() -> None:
     now, unless masked (then it is delivered at the end of the region)."""
     st = _sampler.thread_state()
     ctl = st.ctl
-    if ctl.active > 0 and ctl.mask_depth == 0 and ctl.pending:
-        ctl.arms += 1
-        raise exception_class(ctl.pending)()
+    if ctl.active > 0 and ctl.mask_depth == 0:
+        pending = st.pending()
+        if pending:
+            ctl.arms += 1
+            raise exception_class(pending)()
 
 
-def _nudge(st: ThreadState) -> None:
+def nudge(st: ThreadState) -> None:
+    """Interrupt ``st``'s task now if a reason is pending and it is not
+    masked (the checks happen where the interrupt is armed)."""
+    if st.ctl.active <= 0:
+        return
     if st.is_main and _handler_installed:
         if threading.get_ident() != st.ident:
             signal.pthread_kill(st.ident, INTERRUPT_SIGNAL)
@@ -92,13 +98,6 @@ def _nudge(st: ThreadState) -> None:
             _sampler.arm(st)
     else:
         _sampler.arm(st)
-
-
-def request(st: ThreadState, bits: int = _sampler.REASON_TOKEN) -> None:
-    """Mark ``st``'s task for interruption and interrupt it now if possible."""
-    st.add_pending(bits)
-    if st.ctl.active > 0:
-        _nudge(st)
 
 
 def activate(st: ThreadState) -> None:
@@ -121,15 +120,27 @@ def deactivate(st: ThreadState) -> None:
 
 
 def _watch() -> None:
+    """Re-deliver to tasks that keep a reason pending without allocating.
+
+    A task that allocates gets its interrupt again from the sampler at every
+    sample (deterministically, by byte count); re-delivering it from here too
+    would make the bytes an interrupted task allocates depend on timing.  So
+    a task is nudged only if it took no slow path for a whole interval.
+    """
+    progress: dict[int, int] = {}
     while True:
         with _wakeup:
             while not _active:
+                progress.clear()
                 _wakeup.wait()
         time.sleep(REDELIVERY_INTERVAL_S)
         for st in list(_active):
             ctl = st.ctl
-            if ctl.active > 0 and ctl.pending and ctl.mask_depth == 0:
-                try:
-                    _nudge(st)
-                except (OSError, ProcessLookupError):  # thread gone
-                    pass
+            key = id(st)
+            last, progress[key] = progress.get(key), ctl.slow_paths
+            if last != ctl.slow_paths or ctl.mask_depth != 0:
+                continue
+            try:
+                nudge(st)
+            except OSError:  # the thread is gone
+                pass

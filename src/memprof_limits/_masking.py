@@ -199,7 +199,7 @@ class SafeMutex:
         while not self._lock.acquire(timeout=self._POLL_S):
             st = _sampler.thread_state()
             if is_interrupted():
-                raise exception_class(st.ctl.pending)()
+                raise exception_class(st.pending())()
         if self._poisoned:
             self._lock.release()
             raise PoisonedError(

@@ -171,15 +171,14 @@ class Guarded(Generic[T]):
                 del current[key]
                 added.append(str(key))
         for key, value in old.items():
-            if exclude(key):
-                continue
             now = current.get(key, _MISSING)
+            if now is value or exclude(key):  # identity first: exclude() only on changes
+                continue
             if now is _MISSING:
                 removed.append(str(key))
-                current[key] = value
-            elif now is not value:
+            else:
                 changed.append(str(key))
-                current[key] = value
+            current[key] = value
         return RollbackReport(tuple(added), tuple(changed), tuple(removed))
 
     def transaction(self) -> _Transaction[T]:

@@ -2,13 +2,14 @@
 
 Two ways into the same shared object:
 
-- ``lib`` (cffi): functions that need no GIL -- life cycle, the current
-  thread's counters, atomics on a control block.  cffi releases the GIL
-  around every call.
-- ``_dll`` (``ctypes.PyDLL``): the [GIL] functions of ``native/sampler.h``
-  -- arming another thread, masked calls, brackets.  PyDLL keeps the GIL held
+- ``ffi`` (cffi): the types, to allocate control blocks and token flags
+  (``ffi.new``) and read their fields.
+- ``_dll`` (``ctypes.PyDLL``): every function.  PyDLL keeps the GIL held
   for the whole call, which is what makes "check the mask, then arm" and
-  "enter the mask, then call" atomic with respect to every thread's bytecode.
+  "enter the mask, then call" atomic with respect to every thread's
+  bytecode.  cffi's own calls release the GIL: under contention, getting it
+  back can take a whole switch interval (5 ms) per call, so even the trivial
+  getters go through PyDLL.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ __all__ = [
 
 DEFAULT_SAMPLING_RATE: Final = 1 / 80_000  # per byte: 1e-4 per 8-byte word
 NO_BUDGET: Final = 2**63 - 1
-REASON_MEMORY: Final = int(lib.ML_REASON_MEMORY)
-REASON_ALLOCATIONS: Final = int(lib.ML_REASON_ALLOCATIONS)
-REASON_TOKEN: Final = int(lib.ML_REASON_TOKEN)
+REASON_MEMORY: Final[int] = int(lib.ML_REASON_MEMORY)
+REASON_ALLOCATIONS: Final[int] = int(lib.ML_REASON_ALLOCATIONS)
+REASON_TOKEN: Final[int] = int(lib.ML_REASON_TOKEN)
 
 _dll = ctypes.PyDLL(_native_module.__file__)
 _py = ctypes.py_object
@@ -55,6 +56,29 @@ def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
     return f
 
 
+_i64 = ctypes.c_int64
+_vp = ctypes.c_void_p
+_c_start = _fn("ml_start", ctypes.c_int, ctypes.c_double, ctypes.c_uint64)
+_c_stop = _fn("ml_stop", ctypes.c_int)
+_c_is_started = _fn("ml_is_started", ctypes.c_int)
+_c_sampling_rate = _fn("ml_sampling_rate", ctypes.c_double)
+_c_set_sampling_rate = _fn("ml_set_sampling_rate", ctypes.c_int, ctypes.c_double)
+_c_allocated = _fn("ml_allocated", _i64)
+_c_samples = _fn("ml_samples", _i64)
+_c_set_budget_end = _fn("ml_set_budget_end", None, _i64)
+_c_set_ctl = _fn("ml_set_ctl", None, _vp)
+_c_detach_ctl = _fn("ml_detach_ctl", None, _vp)
+_c_add_pending = _fn("ml_ctl_add_pending", None, _vp, _i64)
+_c_clear_pending = _fn("ml_ctl_clear_pending", None, _vp, _i64)
+_c_pending = _fn("ml_ctl_pending", _i64, _vp)
+_c_set_global_limit = _fn("ml_set_global_limit", None, _i64)
+_c_rss = _fn("ml_rss", _i64)
+_c_peak_rss = _fn("ml_peak_rss", _i64)
+_c_reset_peak_rss = _fn("ml_reset_peak_rss", None)
+_c_set_track_rss = _fn("ml_set_track_rss", None, ctypes.c_int)
+_c_numpy_patched = _fn("ml_numpy_patched", ctypes.c_int)
+_c_record_samples = _fn("ml_record_samples", None, _vp, _i64)
+_c_recorded_samples = _fn("ml_recorded_samples", _i64)
 _arm = _fn("ml_arm", ctypes.c_int, ctypes.c_void_p)
 _bracket = _fn("ml_bracket", _py, _py, _py, _py)
 _masked_call = _fn("ml_masked_call", _py, _py, _py)
@@ -75,7 +99,7 @@ class ThreadState:
     points to it while this object lives (a thread that exits drops it).
     """
 
-    __slots__ = ("__weakref__", "ctl", "ident", "is_main", "scopes")
+    __slots__ = ("__weakref__", "address", "ctl", "ident", "is_main", "scopes")
 
     def __init__(self) -> None:
         self.ctl: Any = ffi.new("ml_ctl_t *")
@@ -83,23 +107,45 @@ class ThreadState:
         self.ctl.thread_id = self.ident
         self.is_main = threading.current_thread() is threading.main_thread()
         self.scopes: list[Any] = []
-        lib.ml_set_ctl(self.ctl)
+        self.address = int(ffi.cast("uintptr_t", self.ctl))
+        _c_set_ctl(self.address)
 
     def __del__(self) -> None:
         # Runs in the owner thread when it exits (threading.local cleanup);
         # elsewhere it does nothing, as that thread's TLS holds another ctl.
         with contextlib.suppress(Exception):  # interpreter shutdown
-            lib.ml_detach_ctl(self.ctl)
+            _c_detach_ctl(self.address)
 
-    @property
-    def address(self) -> int:
-        return int(ffi.cast("uintptr_t", self.ctl))
+    def pending(self) -> int:
+        """The reasons pending (ML_REASON_* bits), watched tokens included."""
+        return int(_c_pending(self.address))
 
     def add_pending(self, bits: int) -> None:
-        lib.ml_ctl_add_pending(self.ctl, bits)
+        _c_add_pending(self.address, bits)
 
     def clear_pending(self, bits: int) -> None:
-        lib.ml_ctl_clear_pending(self.ctl, bits)
+        _c_clear_pending(self.address, bits)
+
+    def watch_token(self, flag: Any) -> None:
+        """Watch a token's flag (``int64_t *``) while a scope is open."""
+        ctl = self.ctl
+        if ctl.n_tokens >= lib.ML_MAX_TOKENS:
+            raise RuntimeError(
+                f"more than {lib.ML_MAX_TOKENS} token scopes open at once in one thread; "
+                "combine tokens (a Token can be set by several parties) or nest fewer scopes"
+            )
+        ctl.token_flags[ctl.n_tokens] = flag
+        ctl.n_tokens += 1
+
+    def unwatch_token(self, flag: Any) -> None:
+        ctl = self.ctl
+        n = int(ctl.n_tokens)
+        for i in range(n - 1, -1, -1):  # normally the last one
+            if ctl.token_flags[i] == flag:
+                for j in range(i, n - 1):
+                    ctl.token_flags[j] = ctl.token_flags[j + 1]
+                ctl.n_tokens = n - 1
+                return
 
 
 _local = threading.local()
@@ -162,15 +208,15 @@ def start(sampling_rate: float = DEFAULT_SAMPLING_RATE, *, seed: int = 0) -> Non
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int, got {seed!r}")
     with _lifecycle_lock:
-        if lib.ml_is_started():
-            if sampling_rate != lib.ml_sampling_rate():
+        if _c_is_started():
+            if sampling_rate != _c_sampling_rate():
                 raise RuntimeError(
                     f"memprof_limits is already started with sampling_rate="
-                    f"{lib.ml_sampling_rate()!r}; call stop() before restarting it with "
+                    f"{_c_sampling_rate()!r}; call stop() before restarting it with "
                     f"{sampling_rate!r}"
                 )
             return
-        rc = lib.ml_start(float(sampling_rate), seed & (2**64 - 1))
+        rc = _c_start(float(sampling_rate), seed & (2**64 - 1))
         if rc:
             raise RuntimeError(f"memprof_limits.start(): {_ERRORS[rc]}")
         if "numpy" in sys.modules:
@@ -178,9 +224,9 @@ def start(sampling_rate: float = DEFAULT_SAMPLING_RATE, *, seed: int = 0) -> Non
 
 
 def ensure_started() -> None:
-    if not lib.ml_is_started():
+    if not _c_is_started():
         start()
-    elif not lib.ml_numpy_patched() and "numpy" in sys.modules:
+    elif "numpy" in sys.modules and not _c_numpy_patched():
         _patch_numpy()
 
 
@@ -205,55 +251,55 @@ def _patch_numpy() -> None:
 def stop() -> None:
     """Restore the allocators that were in place before :func:`start`."""
     with _lifecycle_lock:
-        rc = lib.ml_stop()
+        rc = _c_stop()
         if rc and rc != lib.ML_ERR_NOT_STARTED:
             raise RuntimeError(f"memprof_limits.stop(): {_ERRORS[rc]}")
 
 
 def is_started() -> bool:
-    return bool(lib.ml_is_started())
+    return bool(_c_is_started())
 
 
 def sampling_rate() -> float:
-    return float(lib.ml_sampling_rate())
+    return float(_c_sampling_rate())
 
 
 def set_sampling_rate(rate: float) -> None:
-    rc = lib.ml_set_sampling_rate(float(rate))
+    rc = _c_set_sampling_rate(float(rate))
     if rc:
         raise ValueError(_ERRORS[rc])
 
 
 def allocated_bytes() -> int:
-    return int(lib.ml_allocated())
+    return int(_c_allocated())
 
 
 def samples() -> int:
-    return int(lib.ml_samples())
+    return int(_c_samples())
 
 
 def set_budget_end(end: int) -> None:
-    lib.ml_set_budget_end(end)
+    _c_set_budget_end(end)
 
 
 def set_global_limit(limit: int | None) -> None:
-    lib.ml_set_global_limit(limit or 0)
+    _c_set_global_limit(limit or 0)
 
 
 def rss_bytes() -> int:
-    return int(lib.ml_rss())
+    return int(_c_rss())
 
 
 def peak_rss_bytes() -> int:
-    return int(lib.ml_peak_rss())
+    return int(_c_peak_rss())
 
 
 def reset_peak_rss() -> None:
-    lib.ml_reset_peak_rss()
+    _c_reset_peak_rss()
 
 
 def set_track_rss(on: bool) -> None:
-    lib.ml_set_track_rss(int(on))
+    _c_set_track_rss(int(on))
 
 
 # --------------------------------------------------------------------------
@@ -297,11 +343,11 @@ def record_samples(n: int) -> Callable[[], list[int]]:
     Returns a function that stops recording and returns them (tests).
     """
     buf = ffi.new("int64_t[]", n)
-    lib.ml_record_samples(buf, n)
+    _c_record_samples(int(ffi.cast("uintptr_t", buf)), n)
 
     def done() -> list[int]:
-        count = int(lib.ml_recorded_samples())
-        lib.ml_record_samples(ffi.NULL, 0)
+        count = int(_c_recorded_samples())
+        _c_record_samples(None, 0)
         return [int(buf[i]) for i in range(count)]
 
     return done

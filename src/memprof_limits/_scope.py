@@ -113,20 +113,26 @@ def release_memory() -> int:
     True"""
     before = _sampler.rss_bytes()
     gc.collect()
-    if _malloc_trim is not None:
-        _malloc_trim(0)
+    if _libc is not None:
+        # glibc raises its trim threshold dynamically after a large free; memory
+        # freed by worker threads then stays in their arenas, out of
+        # malloc_trim's reach.  A fixed threshold turns that off.
+        _libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        _libc.malloc_trim(0)
     return max(0, before - _sampler.rss_bytes())
 
 
-def _find_malloc_trim() -> Any:
+def _find_libc() -> Any:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only
+        return libc
     except (OSError, AttributeError):
         return None
 
 
-_malloc_trim = _find_malloc_trim()
+_libc = _find_libc()
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 
 
 def is_interrupted() -> bool:
@@ -142,7 +148,7 @@ def is_interrupted() -> bool:
     False
     """
     st: _sampler.ThreadState | None = getattr(_sampler._local, "state", None)
-    return bool(st is not None and st.ctl.active > 0 and st.ctl.pending)
+    return bool(st is not None and st.ctl.active > 0 and st.pending())
 
 
 class LimitScope:
@@ -216,6 +222,8 @@ class LimitScope:
         _sampler.ensure_started()
         st = self._state = _sampler.thread_state()
         ctl = st.ctl
+        if ctl.active == 0:  # nothing pending survives a task
+            st.clear_pending(REASON_MEMORY | REASON_ALLOCATIONS | REASON_TOKEN)
         st.scopes.append(self)
         ctl.active += 1
         if ctl.active == 1:
@@ -224,8 +232,6 @@ class LimitScope:
             ctl.watch_global += 1
         if self.token is not None:
             self.token._watch(st)
-            if self.token.is_set():
-                st.add_pending(REASON_TOKEN)
         # Count from here: the bookkeeping above allocates a varying amount
         # (it wakes the watchdog), which must not make counts irreproducible.
         self._start = now = _sampler.allocated_bytes()
@@ -255,7 +261,7 @@ class LimitScope:
     # -- helpers (masked) --------------------------------------------------
 
     def _reached(self, st: _sampler.ThreadState, now: int) -> Reason | None:
-        pending = st.ctl.pending
+        pending = st.pending()
         if self.memory and pending & REASON_MEMORY:
             st.clear_pending(REASON_MEMORY)
             return "memory"
@@ -283,10 +289,6 @@ class LimitScope:
             st.clear_pending(REASON_ALLOCATIONS)
         else:
             st.add_pending(REASON_ALLOCATIONS)
-        if any(s.token is not None and s.token.is_set() for s in st.scopes):
-            st.add_pending(REASON_TOKEN)
-        else:
-            st.clear_pending(REASON_TOKEN)
         if not any(s.memory for s in st.scopes):
             st.clear_pending(REASON_MEMORY)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from ._native import ffi  # type: ignore[import-not-found,unused-ignore]
 
 if TYPE_CHECKING:
     from ._sampler import ThreadState
@@ -28,34 +30,39 @@ class Token:
     Error(exc=Cancelled('cancelled: the token was set before the task started'))
     """
 
-    __slots__ = ("_is_set", "_watchers")
+    __slots__ = ("_flag", "_watchers")
 
     def __init__(self) -> None:
-        self._is_set = False
-        # id(ThreadState) -> (ThreadState, number of scopes watching)
+        # The flag lives in C memory: the sampler reads it to decide whether
+        # a task watching this token must be interrupted (see ml_ctl_t).
+        self._flag: Any = ffi.new("int64_t *")
+        # id(ThreadState) -> (ThreadState, number of scopes watching): whom to
+        # nudge.  A stale entry is harmless: arming checks the flags watched.
         self._watchers: dict[int, tuple[ThreadState, int]] = {}
 
     def set(self) -> None:
         """Set the token and interrupt the tasks that watch it (idempotent)."""
         from . import _delivery
 
-        self._is_set = True
+        self._flag[0] = 1
         for st, _count in list(self._watchers.values()):
-            _delivery.request(st)
+            _delivery.nudge(st)
 
     def is_set(self) -> bool:
         """Whether :meth:`set` was called."""
-        return self._is_set
+        return bool(self._flag[0])
 
     def __repr__(self) -> str:
-        return f"<Token {'set' if self._is_set else 'unset'}>"
+        return f"<Token {'set' if self.is_set() else 'unset'}>"
 
     # Called by scopes, masked, in the watching thread.
     def _watch(self, st: ThreadState) -> None:
+        st.watch_token(self._flag)
         _st, count = self._watchers.get(id(st), (st, 0))
         self._watchers[id(st)] = (st, count + 1)
 
     def _unwatch(self, st: ThreadState) -> None:
+        st.unwatch_token(self._flag)
         _st, count = self._watchers.get(id(st), (st, 1))
         if count <= 1:
             self._watchers.pop(id(st), None)
