@@ -71,15 +71,27 @@ def exception_class(pending: int) -> type[_exceptions.Interrupted]:
 
 
 def _on_interrupt_signal(signum: int, frame: FrameType | None) -> None:
-    deliver_in_handler()
+    deliver_in_handler(frame)
 
 
-def deliver_in_handler() -> None:
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs a ``__del__`` (trio treats those as protected):
+    an exception raised there is only printed ("Exception ignored in")."""
+    depth = 0
+    while frame is not None and depth < 64:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame, depth = frame.f_back, depth + 1
+    return False
+
+
+def deliver_in_handler(frame: FrameType | None = None) -> None:
     """From a signal handler on the main thread: raise the pending interrupt
-    now, unless masked (then it is delivered at the end of the region)."""
+    now, unless masked (then it is delivered at the end of the region) or
+    inside a finalizer (then the watchdog delivers it a little later)."""
     st = _sampler.thread_state()
     ctl = st.ctl
-    if ctl.active > 0 and ctl.mask_depth == 0:
+    if ctl.active > 0 and ctl.mask_depth == 0 and not _in_finalizer(frame):
         pending = st.pending()
         if pending:
             ctl.arms += 1

@@ -49,7 +49,7 @@ class sigint_sets:
         token = self._token if isinstance(self._token, Token) else self._token()
         if token is not None:
             token.set()
-        _delivery.deliver_in_handler()
+        _delivery.deliver_in_handler(frame)
 
     def __enter__(self) -> sigint_sets:
         if threading.current_thread() is not threading.main_thread():
