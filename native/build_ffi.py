@@ -35,12 +35,12 @@ _COMMON = {
 }
 
 ffibuilder = FFI()
-ffibuilder.cdef(_cdef("sampler.h"))
+ffibuilder.cdef(_cdef("sampler.h") + _cdef("memprof_api.h"))
 ffibuilder.set_source(
     "memprof_limits._native",
-    '#include "sampler.h"',
+    '#include "sampler.h"\n#include "memprof_api.h"',
     sources=[os.path.join(REL, "sampler.c"), os.path.join(REL, "memprof.c")],
-    depends=[os.path.join(REL, h) for h in ("sampler.h", "memprof.h")],
+    depends=[os.path.join(REL, h) for h in ("sampler.h", "memprof.h", "memprof_api.h")],
     **_COMMON,
 )
 

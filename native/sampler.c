@@ -402,8 +402,19 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
     } while (0)
 
 /* ------------------------------------------------------------------------ */
-/* Hooks.  ctx is the original allocator's ctx (see header comment). */
-static void *h_obj_malloc(void *ctx, size_t n)
+/* Hooks.  ctx is the original allocator's ctx (see header comment).
+ *
+ * Fast path (no sample, no budget end in this allocation): take the bytes off
+ * the countdown, then *tail-call* the original allocator: no stack frame, 9
+ * instructions.  Otherwise the slow variant allocates first and counts after,
+ * so that slow_path() sees the block (the profiler records it).  A request
+ * that fails on the fast path was counted ("bytes requested").  pymalloc
+ * hands requests of 0 or > 512 bytes (SMALL_REQUEST_THRESHOLD, 3.11-3.13) to
+ * PyMem_RawMalloc, and the debug hooks (PYTHONMALLOC=debug) add up to 32
+ * bytes of header first: requests of 0 or > 480 bytes take the slow variant,
+ * whose reentrancy guard keeps the RAW hook from counting them twice. */
+#define ML_PYMALLOC_SMALL(n) ((size_t)(n) - 1 < 480)
+static void *__attribute__((noinline)) obj_malloc_slow(void *ctx, size_t n)
 {
     T.reentrant++;
     void *p = g_orig_obj.malloc(ctx, n);
@@ -411,13 +422,75 @@ static void *h_obj_malloc(void *ctx, size_t n)
     if (p) ML_COUNT(p, n, ML_DOMAIN_OBJ);
     return p;
 }
-static void *h_obj_calloc(void *ctx, size_t nelem, size_t elsize)
+static void *h_obj_malloc(void *ctx, size_t n)
+{
+    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+        int64_t left = T.countdown - (int64_t)n;
+        if (__builtin_expect(left >= 0, 1)) {
+            T.countdown = left;
+            return g_orig_obj.malloc(ctx, n);
+        }
+    }
+    return obj_malloc_slow(ctx, n);
+}
+static void *__attribute__((noinline)) obj_calloc_slow(void *ctx, size_t nelem, size_t elsize)
 {
     T.reentrant++;
     void *p = g_orig_obj.calloc(ctx, nelem, elsize);
     T.reentrant--;
     if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_OBJ);
     return p;
+}
+static void *h_obj_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    size_t n = nelem * elsize;
+    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+        int64_t left = T.countdown - (int64_t)n;
+        if (__builtin_expect(left >= 0, 1)) {
+            T.countdown = left;
+            return g_orig_obj.calloc(ctx, nelem, elsize);
+        }
+    }
+    return obj_calloc_slow(ctx, nelem, elsize);
+}
+static void *__attribute__((noinline)) mem_malloc_slow(void *ctx, size_t n)
+{
+    T.reentrant++;
+    void *p = g_orig_mem.malloc(ctx, n);
+    T.reentrant--;
+    if (p) ML_COUNT(p, n, ML_DOMAIN_MEM);
+    return p;
+}
+static void *h_mem_malloc(void *ctx, size_t n)
+{
+    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+        int64_t left = T.countdown - (int64_t)n;
+        if (__builtin_expect(left >= 0, 1)) {
+            T.countdown = left;
+            return g_orig_mem.malloc(ctx, n);
+        }
+    }
+    return mem_malloc_slow(ctx, n);
+}
+static void *__attribute__((noinline)) mem_calloc_slow(void *ctx, size_t nelem, size_t elsize)
+{
+    T.reentrant++;
+    void *p = g_orig_mem.calloc(ctx, nelem, elsize);
+    T.reentrant--;
+    if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_MEM);
+    return p;
+}
+static void *h_mem_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    size_t n = nelem * elsize;
+    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+        int64_t left = T.countdown - (int64_t)n;
+        if (__builtin_expect(left >= 0, 1)) {
+            T.countdown = left;
+            return g_orig_mem.calloc(ctx, nelem, elsize);
+        }
+    }
+    return mem_calloc_slow(ctx, nelem, elsize);
 }
 static void *h_obj_realloc(void *ctx, void *ptr, size_t n)
 {
@@ -426,22 +499,6 @@ static void *h_obj_realloc(void *ctx, void *ptr, size_t n)
     void *p = g_orig_obj.realloc(ctx, ptr, n);
     T.reentrant--;
     if (p) ML_COUNT(p, n, ML_DOMAIN_OBJ);
-    return p;
-}
-static void *h_mem_malloc(void *ctx, size_t n)
-{
-    T.reentrant++;
-    void *p = g_orig_mem.malloc(ctx, n);
-    T.reentrant--;
-    if (p) ML_COUNT(p, n, ML_DOMAIN_MEM);
-    return p;
-}
-static void *h_mem_calloc(void *ctx, size_t nelem, size_t elsize)
-{
-    T.reentrant++;
-    void *p = g_orig_mem.calloc(ctx, nelem, elsize);
-    T.reentrant--;
-    if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_MEM);
     return p;
 }
 static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
@@ -453,17 +510,37 @@ static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
     if (p) ML_COUNT(p, n, ML_DOMAIN_MEM);
     return p;
 }
-static void *h_raw_malloc(void *ctx, size_t n)
+static void *__attribute__((noinline)) raw_malloc_slow(void *ctx, size_t n)
 {
     void *p = g_orig_raw.malloc(ctx, n);
-    if (p && !T.reentrant) ML_COUNT(p, n, ML_DOMAIN_RAW);
+    if (p) ML_COUNT(p, n, ML_DOMAIN_RAW);
+    return p;
+}
+static void *h_raw_malloc(void *ctx, size_t n)
+{
+    if (T.reentrant) return g_orig_raw.malloc(ctx, n);
+    int64_t left = T.countdown - (int64_t)n;
+    if (__builtin_expect(left >= 0, 1)) {
+        T.countdown = left;
+        return g_orig_raw.malloc(ctx, n);
+    }
+    return raw_malloc_slow(ctx, n);
+}
+static void *__attribute__((noinline)) raw_calloc_slow(void *ctx, size_t nelem, size_t elsize)
+{
+    void *p = g_orig_raw.calloc(ctx, nelem, elsize);
+    if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_RAW);
     return p;
 }
 static void *h_raw_calloc(void *ctx, size_t nelem, size_t elsize)
 {
-    void *p = g_orig_raw.calloc(ctx, nelem, elsize);
-    if (p && !T.reentrant) ML_COUNT(p, nelem * elsize, ML_DOMAIN_RAW);
-    return p;
+    if (T.reentrant) return g_orig_raw.calloc(ctx, nelem, elsize);
+    int64_t left = T.countdown - (int64_t)(nelem * elsize);
+    if (__builtin_expect(left >= 0, 1)) {
+        T.countdown = left;
+        return g_orig_raw.calloc(ctx, nelem, elsize);
+    }
+    return raw_calloc_slow(ctx, nelem, elsize);
 }
 static void *h_raw_realloc(void *ctx, void *ptr, size_t n)
 {
@@ -499,21 +576,30 @@ typedef struct {
 static ml_np_handler_t *g_np_handler;   /* GIL + g_lock */
 static ml_np_allocator_t g_np_orig;     /* set before patching, never changed after */
 
+/* NumPy >= 2.5's default handler allocates through PyMem_RawMalloc (2.4 and
+ * older: malloc): the reentrancy guard keeps h_raw_* from counting the same
+ * buffer a second time. */
 static void *np_malloc(void *ctx, size_t n)
 {
+    T.reentrant++;
     void *p = g_np_orig.malloc(ctx, n);
+    T.reentrant--;
     if (p) ML_COUNT(p, n, ML_DOMAIN_RAW);
     return p;
 }
 static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
+    T.reentrant++;
     void *p = g_np_orig.calloc(ctx, nelem, elsize);
+    T.reentrant--;
     if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_RAW);
     return p;
 }
 static void *np_realloc(void *ctx, void *ptr, size_t n)
 {
+    T.reentrant++;
     void *p = g_np_orig.realloc(ctx, ptr, n);
+    T.reentrant--;
     if (p) ML_COUNT(p, n, ML_DOMAIN_RAW);
     return p;
 }

@@ -392,6 +392,7 @@ def test_global_memory_limit_interrupts_a_growing_task(memory_limit_above_curren
     result = ml.limit_global_memory(grow)
     assert isinstance(result, ml.Error) and isinstance(result.exc, ml.MemoryLimitExceeded)
     assert "global memory limit" in str(result.exc)
+    del result  # its traceback keeps grow()'s frame, and the list, alive
     ml.release_memory()
     assert isinstance(ml.limit_global_memory(lambda: bytearray(10**6)), ml.Ok)
 
