@@ -148,6 +148,7 @@ static int g_statm_fd = -1;               /* opened once, never closed */
 static long g_page_size = 4096;
 static int64_t g_peak_rss;                /* atomic max */
 static volatile int g_track_rss;          /* read RSS at samples even with no limit */
+static int64_t g_over_rss;                /* atomic: RSS read when a limit was last found exceeded */
 static int64_t g_rss_reads;               /* atomic */
 
 /* Exception classes armed by the hook, one per reason; strong references set
@@ -375,8 +376,11 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
     int watched = ctl && ctl->watch_global > 0 && g_global_limit > 0;
     if (sampled && (watched || g_track_rss) && allocated - t->last_rss_check >= g_rss_interval) {
         t->last_rss_check = allocated;
-        if (read_rss() > g_global_limit && watched)
+        int64_t rss = read_rss();
+        if (rss > g_global_limit && watched) {
+            __atomic_store_n(&g_over_rss, rss, __ATOMIC_RELAXED);
             __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
+        }
     }
     reset_countdown(t, allocated);
     if (ctl) ctl->slow_paths++;
@@ -844,6 +848,7 @@ int64_t ml_rss(void)
 int64_t ml_peak_rss(void) { return __atomic_load_n(&g_peak_rss, __ATOMIC_RELAXED); }
 void ml_reset_peak_rss(void) { __atomic_store_n(&g_peak_rss, 0, __ATOMIC_RELAXED); }
 void ml_set_track_rss(int on) { g_track_rss = on; }
+int64_t ml_over_rss(void) { return __atomic_load_n(&g_over_rss, __ATOMIC_RELAXED); }
 int64_t ml_rss_reads(void) { return __atomic_load_n(&g_rss_reads, __ATOMIC_RELAXED); }
 
 void ml_record_samples(int64_t *buf, int64_t n)

@@ -64,6 +64,12 @@ class CellLimits:
     memory: int | None = None
     allocations: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("memory", "allocations"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_bytes(value, what=f"{name} limit"))
+
     @classmethod
     def parse(cls, spec: str, base: CellLimits | None = None) -> CellLimits:
         """Parse ``memory=2GiB allocations=500MB`` / ``off`` over ``base``.
@@ -289,16 +295,16 @@ class CellRunner:
                 outcome.reason = "token"
                 outcome.message = "cancelled: the token was set"
             if outcome.interrupted:
-                # Measured before the rollback, which frees what the cell kept.
-                rss_at_interrupt = _sampler.rss_bytes()
                 if checkpoints:
                     report = RollbackReport()
                     for guard, checkpoint in checkpoints:
                         report = report.merge(guard.rollback(checkpoint))
                     outcome.rollback = report
                 if outcome.reason == "memory":
+                    # From the cell's peak: the interrupted frames freed most
+                    # of it as they unwound, before we get here.
                     release_memory()
-                    outcome.freed_bytes = max(0, rss_at_interrupt - _sampler.rss_bytes())
+                    outcome.freed_bytes = max(0, outcome.peak_rss_bytes - _sampler.rss_bytes())
             if limits.memory is not None:
                 set_global_memory_limit(previous_limit)
             self.last = outcome

@@ -103,12 +103,12 @@ def nudge(st: ThreadState) -> None:
     masked (the checks happen where the interrupt is armed)."""
     if st.ctl.active <= 0:
         return
-    if st.is_main and _handler_installed:
-        if threading.get_ident() != st.ident:
-            signal.pthread_kill(st.ident, INTERRUPT_SIGNAL)
-        else:
-            _sampler.arm(st)
+    if st.is_main and _handler_installed and threading.get_ident() != st.ident:
+        signal.pthread_kill(st.ident, INTERRUPT_SIGNAL)
     else:
+        # Another thread, or the task's own (it set its own token, or this is
+        # a signal handler): then the interrupt is raised at the next check,
+        # inside Token.set() -- its traceback ends in library frames.
         _sampler.arm(st)
 
 
@@ -137,9 +137,10 @@ def _watch() -> None:
     A task that allocates gets its interrupt again from the sampler at every
     sample (deterministically, by byte count); re-delivering it from here too
     would make the bytes an interrupted task allocates depend on timing.  So
-    a task is nudged only if it took no slow path for a whole interval.
+    a task is nudged only if, for a whole interval, it took no slow path and
+    received no interrupt (one may still be unwinding).
     """
-    progress: dict[int, int] = {}
+    progress: dict[int, tuple[int, int]] = {}
     while True:
         with _wakeup:
             while not _active:
@@ -149,8 +150,9 @@ def _watch() -> None:
         for st in list(_active):
             ctl = st.ctl
             key = id(st)
-            last, progress[key] = progress.get(key), ctl.slow_paths
-            if last != ctl.slow_paths or ctl.mask_depth != 0:
+            now = (int(ctl.slow_paths), int(ctl.arms))
+            last, progress[key] = progress.get(key), now
+            if last != now or ctl.mask_depth != 0:
                 continue
             try:
                 nudge(st)

@@ -76,6 +76,7 @@ _c_rss = _fn("ml_rss", _i64)
 _c_peak_rss = _fn("ml_peak_rss", _i64)
 _c_reset_peak_rss = _fn("ml_reset_peak_rss", None)
 _c_set_track_rss = _fn("ml_set_track_rss", None, ctypes.c_int)
+_c_over_rss = _fn("ml_over_rss", _i64)
 _c_numpy_patched = _fn("ml_numpy_patched", ctypes.c_int)
 _c_record_samples = _fn("ml_record_samples", None, _vp, _i64)
 _c_recorded_samples = _fn("ml_recorded_samples", _i64)
@@ -296,6 +297,11 @@ def peak_rss_bytes() -> int:
 
 def reset_peak_rss() -> None:
     _c_reset_peak_rss()
+
+
+def over_limit_rss_bytes() -> int:
+    """The RSS read when the global limit was last found exceeded."""
+    return int(_c_over_rss())
 
 
 def set_track_rss(on: bool) -> None:

@@ -377,11 +377,7 @@ def limit_with_token(task: Callable[[], T], *, token: Token) -> Ok[T] | Error:
 
 def _describe_scope(scope: LimitScope) -> str:
     if scope.reason == "memory":
-        limit = _global_limit or 0
-        return (
-            f"global memory limit of {format_bytes(limit)} exceeded "
-            f"(resident memory {format_bytes(_sampler.rss_bytes())})"
-        )
+        return _describe("memory")
     if scope.reason == "allocations":
         return (
             f"allocation limit of {scope.allocations} bytes reached "
@@ -404,9 +400,11 @@ def _describe(reason: str) -> str:
                 )
         return "allocation limit reached"
     if reason == "memory":
+        # The figure read when the limit was found exceeded: by the time the
+        # exception is created (late on 3.11) the task's memory may be gone.
         return (
             f"global memory limit of {format_bytes(_global_limit or 0)} exceeded "
-            f"(resident memory {format_bytes(_sampler.rss_bytes())})"
+            f"(resident memory {format_bytes(_sampler.over_limit_rss_bytes())})"
         )
     return "cancelled: the token was set"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any
 
 from . import _delivery
 from ._token import Token
@@ -27,8 +27,8 @@ class sigint_sets:
     A task on the main thread that watches ``token`` is interrupted at once,
     also when blocked in ``time.sleep`` or a socket read, unless it is
     masked (then at the end of the masked region).  ``token`` may be a
-    :class:`Token` or a callable returning the token to set (for a runner
-    whose token changes with each cell).
+    :class:`Token` or a callable returning the token to set, or ``None`` to
+    do nothing (for a runner whose token changes with each cell).
 
     >>> import memprof_limits as ml
     >>> token = ml.Token()
@@ -37,13 +37,13 @@ class sigint_sets:
     Ok(value='Ctrl+C would stop me')
     """
 
-    def __init__(self, token: Token | Any) -> None:
+    def __init__(self, token: Token | Callable[[], Token | None]) -> None:
         if not (isinstance(token, Token) or callable(token)):
             raise TypeError(
                 f"sigint_sets: expected a Token or a callable returning one, got {token!r}"
             )
         self._token = token
-        self._previous: Any = None
+        self._previous: object = None
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         token = self._token if isinstance(self._token, Token) else self._token()
@@ -62,4 +62,4 @@ class sigint_sets:
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]

@@ -1,0 +1,503 @@
+"""A REPL session: one namespace, the shared cell runner, the ``%`` commands.
+
+The problem
+-----------
+Each input of the terminal REPL must run exactly as a cell of the Jupyter
+kernel does -- under the session's limits, as a task of
+:class:`memprof_limits.CellRunner`, with the namespace rolled back when the
+cell is interrupted -- and Ctrl+C must interrupt the cell, including a cell
+blocked in ``time.sleep``, without a ``KeyboardInterrupt`` landing in the
+REPL's own code.
+
+What does not work, and why
+---------------------------
+- The default SIGINT handler: ``KeyboardInterrupt`` can land anywhere --
+  in the middle of the rollback, in the prompt's bookkeeping, in the
+  ``finally`` of the user's code -- and is not rolled back.
+- Installing ``sigint_sets(cell.token)`` inside ``with runner.cell()``:
+  a SIGINT that arrives between the two (after the prompt returned, before
+  the handler is installed) raises ``KeyboardInterrupt`` in the REPL.
+- Ignoring SIGINT between cells: Enter then Ctrl+C at once (a person in a
+  hurry, a program driving the REPL through a pty) loses the Ctrl+C -- it
+  comes before the cell starts -- and the cell runs to its end.
+
+The solution
+------------
+For the whole session (:meth:`Session.sigint_to_cells`), SIGINT calls
+:meth:`CellRunner.interrupt` through :class:`memprof_limits.sigint_sets`:
+it sets the token of the running cell (the cell is interrupted at once,
+also in ``time.sleep``, and rolled back).  With no cell running, it marks
+the *next* cell to be interrupted as it starts; the front ends forget that
+mark when they wait for input again (:meth:`Session.waiting_for_input`), so
+a Ctrl+C after a cell never reaches the cell after the next prompt.
+prompt-toolkit replaces the handler while it reads input (the terminal is
+in raw mode: Ctrl+C is a key, and discards the input) and restores ours
+afterwards; a Ctrl+C *key* typed after Enter, before the terminal left raw
+mode, is found in the typeahead and also marks the next cell
+(``_prompt._take_ctrl_c``).  Reading cells from a pipe is the one place
+where SIGINT raises ``KeyboardInterrupt`` (the default handler is installed
+around each ``readline`` only), so that Ctrl+C stops a scripted session
+waiting for input.
+
+Known failure cases
+-------------------
+- A cell inside a long C call that holds the GIL (``sum(range(10**10))``,
+  a huge regex) is interrupted only when the call returns; Ctrl+\\ (SIGQUIT)
+  kills the process.
+- A cell's threads keep running after the cell is interrupted (threads
+  started by a task are not limited by it), and their writes to the
+  namespace are rolled back only if they happen before the rollback.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+import signal
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
+
+import memprof_limits as ml
+
+from ._errors import (
+    EXIT_EXCEPTION,
+    EXIT_OK,
+    exit_status_for_reason,
+    print_interrupt,
+    print_user_exception,
+    system_exit_status,
+)
+from ._source import CellCompiler, CompiledCell, check_complete, iter_cells
+
+__all__ = ["COMMANDS", "PROMPT", "PROMPT_CONTINUATION", "CellReport", "Session"]
+
+PROMPT = ">>> "
+PROMPT_CONTINUATION = "... "
+
+CellStatus = Literal["ok", "error", "interrupted", "command", "empty"]
+
+COMMANDS: dict[str, str] = {
+    "%limits": "%limits [memory=SIZE] [allocations=SIZE] | off   show or set the session limits",
+    "%%limits": "%%limits SPEC   (first line of a cell) limits for this cell only",
+    "%rollback": "%rollback [on|off]   show or set rollback of the namespace on interrupt",
+    "%last": "%last   allocations, peak memory and time of the last cell",
+    "%memprof": "%memprof [-n TOP] [-r RATE] STATEMENT   run STATEMENT as a cell under the"
+    " allocation profiler; show the TOP lines (10) that allocated most",
+    "%help": "%help   this list",
+}
+"""The REPL's commands and their one-line help."""
+
+
+@dataclass(frozen=True)
+class CellReport:
+    """What :meth:`Session.run_cell` did.
+
+    ``status`` is ``"ok"``, ``"error"`` (an exception, shown as a
+    traceback; also a bad command), ``"interrupted"`` (a limit or Ctrl+C:
+    see ``outcome.reason``), ``"command"`` (a ``%`` command ran) or
+    ``"empty"``.  ``outcome`` is the cell runner's :class:`CellOutcome`
+    for a cell that ran.
+    """
+
+    status: CellStatus
+    outcome: ml.CellOutcome | None = None
+    exception: BaseException | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """The process exit status this cell stands for (``-c``): 0, 1 for
+        an exception, 3 / 4 / 130 for allocations / memory / interrupted."""
+        if self.status == "interrupted":
+            return exit_status_for_reason(self.outcome.reason if self.outcome else None)
+        if self.status == "error":
+            return EXIT_EXCEPTION
+        return EXIT_OK
+
+
+class Session:
+    """The state of a REPL: a ``__main__`` namespace run by a
+    :class:`memprof_limits.CellRunner`.
+
+    Args:
+        limits: the session limits (``%limits`` changes them).
+        rollback: roll the namespace back when a cell is interrupted.
+        namespace: the namespace to use (default: a fresh ``__main__``).
+
+    Output goes to ``sys.stdout`` and ``sys.stderr`` as they are when a cell
+    runs.  The front ends (prompt, pipe, ``-c``) call :meth:`run_cell`
+    inside :meth:`sigint_to_cells`.
+
+    >>> s = Session(limits=ml.CellLimits(allocations=10**6))
+    >>> s.run_cell("x = 1").status
+    'ok'
+    >>> s.run_cell("x = 2; y = [str(i) for i in range(10**6)]").outcome.reason
+    'allocations'
+    >>> s.namespace["x"]
+    1
+    """
+
+    def __init__(
+        self,
+        *,
+        limits: ml.CellLimits | None = None,
+        rollback: bool = True,
+        namespace: dict[str, Any] | None = None,
+    ) -> None:
+        self.module: types.ModuleType | None = None
+        if namespace is None:
+            self.module = types.ModuleType("__main__")
+            self.module.__dict__["__builtins__"] = builtins
+            namespace = self.module.__dict__
+        self.namespace: dict[str, Any] = namespace
+        self.runner = ml.CellRunner(namespace, limits=limits, rollback=rollback)
+        self.compiler = CellCompiler()
+        self.cells_run = 0
+        self.last_cell_number: int | None = None
+        # A SIGINT that came when no cell was running: it is meant for the
+        # cell about to start (Enter, then Ctrl+C at once).  Cleared when
+        # the front end waits for input again.
+        self._sigint_before_cell = False
+        self._commands: dict[str, Callable[[str], CellStatus]] = {
+            "limits": self._cmd_limits,
+            "rollback": self._cmd_rollback,
+            "last": self._cmd_last,
+            "memprof": self._cmd_memprof,
+            "help": self._cmd_help,
+        }
+
+    # -- running cells -------------------------------------------------------
+
+    def run_cell(self, source: str) -> CellReport:
+        """Run one cell: Python source, a ``%`` command, or a cell that starts
+        with a ``%%limits`` line.
+
+        An exception is printed as a traceback of the user's frames; an
+        interrupted cell prints where it was stopped and the cell runner's
+        interrupt line (reason, figures, what was rolled back) on stderr, as
+        the kernel does.  ``SystemExit`` propagates.
+        """
+        text = source.strip("\n")
+        stripped = text.strip()
+        if not stripped:
+            return CellReport("empty")
+        limits: ml.CellLimits | None = None
+        header = None
+        if stripped.startswith("%%"):
+            header, _, text = stripped.partition("\n")
+            name, _, spec = header[2:].partition(" ")
+            if name != "limits":
+                return self._command_error(f"unknown cell command %%{name}; try %help")
+            try:
+                limits = ml.CellLimits.parse(spec, self.runner.limits)
+            except ValueError as e:
+                return self._command_error(f"%%limits: {e}")
+        elif stripped.startswith("%"):
+            return self._run_command(stripped)
+        text = textwrap.dedent(text)
+        self.cells_run += 1
+        filename = f"<cell {self.cells_run}>"
+        if header is not None:
+            # Line numbers as the user sees them: the header is line 1.
+            _remember_source(filename, f"{header}\n{text}")
+            text = "\n" + text
+        else:
+            _remember_source(filename, text)
+        try:
+            compiled = self.compiler.compile(text, filename)
+        except (SyntaxError, ValueError, OverflowError) as e:
+            print_user_exception(e, frames=False)
+            return CellReport("error", exception=e)
+        return self._run_compiled(compiled, limits)
+
+    def _run_compiled(self, compiled: CompiledCell, limits: ml.CellLimits | None) -> CellReport:
+        self.last_cell_number = self.cells_run
+        try:
+            with self.runner.cell(limits) as cell:
+                if self._sigint_before_cell:
+                    self._sigint_before_cell = False
+                    cell.token.set()
+                cell.run(lambda: self._execute(compiled))
+        except SystemExit:
+            raise
+        except BaseException as e:
+            sys.stdout.flush()
+            print_user_exception(e)
+            return CellReport("error", self.runner.last, e)
+        outcome = cell.outcome
+        if outcome.interrupted:
+            sys.stdout.flush()
+            print_interrupt(outcome)
+            return CellReport("interrupted", outcome, outcome.exception)
+        return CellReport("ok", outcome)
+
+    def _execute(self, compiled: CompiledCell) -> None:
+        """The cell's task: run the statements, show the final expression."""
+        namespace = self.namespace
+        if compiled.body is not None:
+            exec(compiled.body, namespace)
+        if compiled.last_expression is not None:
+            value = eval(compiled.last_expression, namespace)
+            if compiled.display and value is not None:
+                namespace["_"] = value
+                print(repr(value))
+
+    # -- SIGINT ----------------------------------------------------------------
+
+    def _sigint_target(self) -> None:
+        """Called by the SIGINT handler: interrupt the running cell, or the
+        cell about to start if none is running."""
+        if not self.runner.interrupt():
+            self._sigint_before_cell = True
+
+    def interrupt_next_cell(self) -> None:
+        """Interrupt the next cell as soon as it starts (Ctrl+C typed before
+        it started).  Cancelled by :meth:`waiting_for_input`."""
+        self._sigint_before_cell = True
+
+    def waiting_for_input(self) -> None:
+        """Tell the session that the front end now waits for input: a SIGINT
+        that came since the last cell is not for the next one."""
+        self._sigint_before_cell = False
+
+    @contextmanager
+    def sigint_to_cells(self) -> Iterator[None]:
+        """Within the block, SIGINT (Ctrl+C) interrupts the running cell (its
+        token is set); between cells, it interrupts the next cell unless the
+        front end calls :meth:`waiting_for_input` first.  Main thread only."""
+        with ml.sigint_sets(self._sigint_target):
+            yield
+
+    @contextmanager
+    def as_main(self) -> Iterator[None]:
+        """Make the session's module ``sys.modules["__main__"]`` within the
+        block (so that ``pickle``, ``dataclasses`` and ``typing`` find the
+        classes defined in cells)."""
+        if self.module is None:
+            yield
+            return
+        previous = sys.modules.get("__main__")
+        sys.modules["__main__"] = self.module
+        try:
+            yield
+        finally:
+            if previous is not None:
+                sys.modules["__main__"] = previous
+
+    # -- front ends without prompt-toolkit -------------------------------------
+
+    def run_code(self, code: str) -> int:
+        """Run ``code`` as one cell (``-c``); returns the exit status."""
+        with self.as_main(), self.sigint_to_cells():
+            try:
+                return self.run_cell(code).exit_status
+            except SystemExit as e:
+                return system_exit_status(e)
+
+    def run_stream(self, stream: TextIO) -> int:
+        """Run the cells read from ``stream`` (stdin that is not a tty) until
+        its end; see :func:`iter_cells` for where a cell ends.  Returns the
+        exit status: 0, the code of a ``SystemExit``, or 130 when SIGINT
+        arrives while waiting for input."""
+        with self.as_main(), self.sigint_to_cells():
+            try:
+                for source in iter_cells(_read_lines(stream, self)):
+                    self.run_cell(source)
+            except SystemExit as e:
+                return system_exit_status(e)
+            except KeyboardInterrupt:
+                print("KeyboardInterrupt", file=sys.stderr)
+                return exit_status_for_reason("token")
+        return EXIT_OK
+
+    def run_simple_prompt(self, banner: str | None = None) -> int:
+        """A minimal interactive loop on ``input()`` (no prompt-toolkit):
+        ``>>>``/``...`` prompts, the same cells and the same Ctrl+C (discards
+        the input at the prompt, interrupts a running cell) and Ctrl+D."""
+        with self.as_main(), self.sigint_to_cells():
+            if banner:
+                print(banner)
+            lines: list[str] = []
+            while True:
+                self.waiting_for_input()
+                try:
+                    line = _input(PROMPT_CONTINUATION if lines else PROMPT)
+                except KeyboardInterrupt:
+                    print("\nKeyboardInterrupt (input discarded)")
+                    lines = []
+                    continue
+                except EOFError:
+                    print()
+                    return EXIT_OK
+                lines.append(line)
+                if check_complete("\n".join(lines))[0] == "incomplete":
+                    continue
+                source, lines = "\n".join(lines), []
+                try:
+                    self.run_cell(source)
+                except SystemExit as e:
+                    return system_exit_status(e)
+
+    # -- commands ----------------------------------------------------------------
+
+    def _run_command(self, line: str) -> CellReport:
+        name, _, arg = line[1:].partition(" ")
+        command = self._commands.get(name.strip())
+        if command is None:
+            return self._command_error(f"unknown command %{name}; try %help")
+        try:
+            status = command(arg.strip())
+        except SystemExit:
+            raise
+        return CellReport(status)
+
+    def _command_error(self, message: str) -> CellReport:
+        print(message, file=sys.stderr, flush=True)
+        return CellReport("error")
+
+    def describe_limits(self) -> str:
+        """``limits: memory=1.0 GiB allocations=190.7 MiB; rollback on``."""
+        state = "on" if self.runner.rollback else "off"
+        return f"limits: {self.runner.limits.describe()}; rollback {state}"
+
+    def _cmd_limits(self, arg: str) -> CellStatus:
+        if arg:
+            try:
+                self.runner.limits = ml.CellLimits.parse(arg, self.runner.limits)
+            except ValueError as e:
+                print(f"%limits: {e}", file=sys.stderr)
+                return "error"
+        print(self.describe_limits())
+        return "command"
+
+    def _cmd_rollback(self, arg: str) -> CellStatus:
+        if arg:
+            if arg.lower() not in ("on", "off"):
+                print("%rollback: expected 'on' or 'off'", file=sys.stderr)
+                return "error"
+            self.runner.rollback = arg.lower() == "on"
+        print(f"rollback {'on' if self.runner.rollback else 'off'}")
+        return "command"
+
+    def _cmd_last(self, arg: str) -> CellStatus:
+        last = self.runner.last
+        if last is None:
+            print("no cell has run yet")
+            return "command"
+        print(f"last cell: {last.summary()}")
+        if last.interrupted:
+            print(f"  {last.interrupt_line()}")
+        return "command"
+
+    def _cmd_memprof(self, arg: str) -> CellStatus:
+        """``%memprof [-n TOP] [-r RATE] STATEMENT``: run STATEMENT as a cell
+        (same limits, rollback and Ctrl+C) under the allocation profiler,
+        then print the lines that allocated most."""
+        try:
+            top, rate, statement = _parse_memprof(arg)
+        except ValueError as e:
+            print(f"%memprof: {e}\nusage: {COMMANDS['%memprof']}", file=sys.stderr)
+            return "error"
+        try:
+            from memprof_limits import memprof
+        except Exception as e:  # an older memprof_limits, or a build without it
+            print(f"%memprof: the profiler is not available ({e})", file=sys.stderr)
+            return "error"
+        if memprof.is_tracing():
+            print("%memprof: the profiler is already running", file=sys.stderr)
+            return "error"
+        if rate is None:
+            rate = max(memprof.MAGIC_DEFAULT_RATE, ml.sampling_rate())
+        try:
+            profiling = memprof.tracing(sampling_rate=rate)
+            with profiling as session:
+                report = self.run_cell(statement)
+        except ValueError as e:  # a rate below the limits' rate
+            print(f"%memprof: {e}", file=sys.stderr)
+            return "error"
+        snapshot = session.snapshot
+        if report.status in ("ok", "error", "interrupted") and snapshot is not None:
+            # Only what the cell's code caused (with the functions it called),
+            # not the REPL's own work around it (compiling, bookkeeping).
+            cell_file = f"<cell {self.last_cell_number}>"
+            mine = snapshot.filter(lambda s: any(f.filename == cell_file for f in s.traceback))
+            sys.stdout.flush()
+            print(mine.format_top(limit=top))
+        return report.status
+
+    def _cmd_help(self, arg: str) -> CellStatus:
+        print("Commands:")
+        for text in COMMANDS.values():
+            print(f"  {text}")
+        print(
+            "Keys: Enter runs a complete statement (an empty line ends a block),"
+            " Ctrl+O inserts a newline, Esc Enter runs the input as it is, Tab completes"
+            " or indents, Ctrl+C interrupts the running cell (its changes to the namespace"
+            " are rolled back) or discards the input, Ctrl+D on an empty line exits."
+        )
+        return "command"
+
+
+def _parse_memprof(arg: str) -> tuple[int, float | None, str]:
+    """``-n TOP``, ``-r RATE`` (``1/8000`` or ``0.000125``) and the statement."""
+    top, rate = 10, None
+    words = arg.split(None, 2)
+    while len(words) >= 2 and words[0] in ("-n", "-r"):
+        option, value = words[0], words[1]
+        rest = words[2] if len(words) > 2 else ""
+        try:
+            if option == "-n":
+                top = int(value)
+            else:
+                num, _, den = value.partition("/")
+                rate = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{option}: cannot read {value!r}") from None
+        words = rest.split(None, 2) if rest else []
+        arg = rest
+    if arg.startswith("-- "):
+        arg = arg[3:]
+    elif re.match(r"--?[A-Za-z]", arg):
+        option = arg.split()[0]
+        raise ValueError(
+            f"unknown option {option} (write -- before a statement that starts with -)"
+        )
+    if not arg.strip():
+        raise ValueError("no statement to profile")
+    return top, rate, arg.strip()
+
+
+def _remember_source(filename: str, source: str) -> None:
+    """Let tracebacks and ``inspect.getsource`` show the cell's lines."""
+    import linecache
+
+    lines = [line + "\n" for line in source.splitlines()]
+    linecache.cache[filename] = (len(source), None, lines, filename)
+
+
+def _input(prompt: str) -> str:
+    """``input(prompt)``; SIGINT raises ``KeyboardInterrupt`` while waiting."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return input(prompt)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _read_lines(stream: TextIO, session: Session) -> Iterator[str]:
+    """Lines of ``stream``; SIGINT raises ``KeyboardInterrupt`` only while
+    waiting for a line."""
+    while True:
+        session.waiting_for_input()
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            line = stream.readline()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if not line:
+            return
+        yield line

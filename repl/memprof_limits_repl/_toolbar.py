@@ -1,0 +1,64 @@
+"""The bottom toolbar: current memory, the active limits, the last cell."""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import memprof_limits as ml
+
+from ._session import Session
+
+__all__ = ["current_rss_bytes", "format_seconds", "toolbar_text"]
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def current_rss_bytes() -> int:
+    """The process's resident memory now (``/proc/self/statm``), or its peak
+    (``getrusage``) where ``/proc`` is missing."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def format_seconds(seconds: float) -> str:
+    """``0.004 s``, ``1.25 s``, ``12.3 s``, ``2 min 05 s``."""
+    if seconds < 10:
+        return f"{seconds:.3f} s" if seconds < 1 else f"{seconds:.2f} s"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def toolbar_text(session: Session) -> str:
+    """The toolbar's line: memory now, the session limits, the last cell::
+
+         RSS 52.3 MiB | limits: memory=1.0 GiB | last [3]: 1.2 MiB in 0.004 s
+
+    ``rollback off`` is added when rollback is off; an interrupted last cell
+    shows its reason (``allocation limit``, ``memory limit``,
+    ``interrupted``) with what it allocated and how long it ran.
+    """
+    limits = f"limits: {session.runner.limits.describe()}"
+    if not session.runner.rollback:
+        limits += "; rollback off"
+    parts = [f"RSS {ml.format_bytes(current_rss_bytes())}", limits]
+    last = session.runner.last
+    if last is None:
+        parts.append("last: -")
+    else:
+        label = f"last [{session.last_cell_number}]"
+        allocated = ml.format_bytes(last.allocated_bytes)
+        took = format_seconds(last.wall_time_s)
+        if last.interrupted:
+            cause = {"memory": "memory limit", "allocations": "allocation limit"}.get(
+                last.reason or "", "interrupted"
+            )
+            parts.append(f"{label}: {cause} after {allocated}, {took}")
+        else:
+            parts.append(f"{label}: {allocated} in {took}")
+    return " " + " | ".join(parts) + " "
