@@ -37,7 +37,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PYTHONUNBUFFERED=1
 # Missing ones are installed (apt-get update once, then apt-get install, non-interactively).
 APT_PACKAGES=(
     tmux  # tests/repl drive the REPL in a real terminal (send-keys / capture-pane)
-    # chromium chromium-driver  # notebook/browser tests (to be added by that work)
+    chromium  # tests/notebooks/test_browser.py: JupyterLab in headless Chromium via Playwright
 )
 # ---------------------------------------------------------------------------------------------
 
