@@ -101,8 +101,8 @@ def deliver_in_handler(frame: FrameType | None = None) -> None:
 def nudge(st: ThreadState) -> None:
     """Interrupt ``st``'s task now if a reason is pending and it is not
     masked (the checks happen where the interrupt is armed)."""
-    if st.ctl.active <= 0:
-        return
+    if st.ctl.active <= 0 or not st.pending():
+        return  # (a signal handler runs Python code, allocating, in the task)
     if st.is_main and _handler_installed and threading.get_ident() != st.ident:
         signal.pthread_kill(st.ident, INTERRUPT_SIGNAL)
     else:
