@@ -918,11 +918,14 @@ static void mask_enter(ml_ctl_t *ctl, PyObject **other)
     }
 }
 
-/* Leave it; re-arm the interrupt if one is pending (deferred delivery). */
-static void mask_exit(ml_ctl_t *ctl)
+/* Leave it; re-arm the interrupt if one is pending (deferred delivery) --
+ * unless one is already propagating out of the region: re-arming then would
+ * interrupt the first call of every `finally` or `except` on its way out
+ * (samples and the watchdog still re-deliver if it is swallowed). */
+static void mask_exit(ml_ctl_t *ctl, int propagating)
 {
     ctl->mask_depth--;
-    if (ctl->mask_depth == 0 && ctl->active > 0) {
+    if (ctl->mask_depth == 0 && ctl->active > 0 && !propagating) {
         int64_t pending = effective_pending(ctl);
         if (pending) arm_current_thread(ctl, pending);
     }
@@ -946,14 +949,25 @@ static ml_ctl_t *current_ctl(void)
  * entering the mask (a KeyboardInterrupt from a signal handler), it is raised
  * instead of calling fn when `is_enter` (nothing was acquired yet), and after
  * calling fn otherwise (an __exit__ must run). */
-static PyObject *masked_call(PyObject *fn, PyObject *args, int is_enter)
+static int interrupt_raised(void)
+{
+    return g_exc_base != NULL && PyErr_ExceptionMatches(g_exc_base);
+}
+
+/* `ev` (an __exit__'s exception, or NULL): if it is an interrupt and the
+ * call does not suppress it, it goes on propagating. */
+static PyObject *masked_call(PyObject *fn, PyObject *args, int is_enter, PyObject *ev)
 {
     ml_ctl_t *ctl = current_ctl();
     if (ctl == NULL) return NULL;
     PyObject *other = NULL, *r = NULL;
     mask_enter(ctl, &other);
     if (other == NULL || !is_enter) r = PyObject_Call(fn, args, NULL);
-    mask_exit(ctl);
+    int propagating = r == NULL ? interrupt_raised()
+                      : (ev != NULL && g_exc_base != NULL &&
+                         PyObject_TypeCheck(ev, (PyTypeObject *)g_exc_base) &&
+                         !PyObject_IsTrue(r));
+    mask_exit(ctl, propagating);
     if (other != NULL) {
         if (r == NULL) {
             PyObject *exc = PyErr_GetRaisedException();
@@ -970,7 +984,7 @@ static PyObject *masked_call(PyObject *fn, PyObject *args, int is_enter)
 
 PyAPI_FUNC(PyObject *) ml_masked_call(PyObject *fn, PyObject *args)
 {
-    return masked_call(fn, args, 1);
+    return masked_call(fn, args, 1, NULL);
 }
 
 /* acquire() masked -> r; body(r) with the caller's mask state -> v or
@@ -984,19 +998,19 @@ PyAPI_FUNC(PyObject *) ml_bracket(PyObject *acquire, PyObject *body, PyObject *r
     if (ctl == NULL) return NULL;
     mask_enter(ctl, &other);
     if (other != NULL) {
-        mask_exit(ctl);
+        mask_exit(ctl, 0);
         PyErr_SetRaisedException(other);
         return NULL;
     }
     r = PyObject_CallNoArgs(acquire);
     if (r == NULL) {
-        mask_exit(ctl);
+        mask_exit(ctl, interrupt_raised());
         return NULL;
     }
     /* body runs with the caller's masking state (masked if nested in a
      * masked region).  Leaving the mask re-arms a deferred interrupt, which
      * then lands at body's first instruction, inside the bracket. */
-    mask_exit(ctl);
+    mask_exit(ctl, 0);
     v = PyObject_CallOneArg(body, r);
     if (v == NULL) exc = PyErr_GetRaisedException();
 
@@ -1012,7 +1026,7 @@ PyAPI_FUNC(PyObject *) ml_bracket(PyObject *acquire, PyObject *body, PyObject *r
     Py_DECREF(r);
     Py_XDECREF(v);
     Py_XDECREF(exc);
-    mask_exit(ctl);
+    mask_exit(ctl, result == NULL && interrupt_raised());
     return result;
 }
 
@@ -1029,7 +1043,7 @@ PyAPI_FUNC(PyObject *) ml_tramp_enter(PyObject *self)
     Py_DECREF(name);
     if (fn == NULL) return NULL;
     PyObject *args = PyTuple_New(0);
-    PyObject *r = args ? masked_call(fn, args, 1) : NULL;
+    PyObject *r = args ? masked_call(fn, args, 1, NULL) : NULL;
     Py_XDECREF(args);
     Py_DECREF(fn);
     return r;
@@ -1043,7 +1057,7 @@ PyAPI_FUNC(PyObject *) ml_tramp_exit(PyObject *self, PyObject *et, PyObject *ev,
     Py_DECREF(name);
     if (fn == NULL) return NULL;
     PyObject *args = PyTuple_Pack(3, et, ev, tb);
-    PyObject *r = args ? masked_call(fn, args, 0) : NULL;
+    PyObject *r = args ? masked_call(fn, args, 0, ev) : NULL;
     Py_XDECREF(args);
     Py_DECREF(fn);
     return r;

@@ -140,7 +140,7 @@ def _watch() -> None:
     a task is nudged only if, for a whole interval, it took no slow path and
     received no interrupt (one may still be unwinding).
     """
-    progress: dict[int, tuple[int, int]] = {}
+    progress: dict[int, tuple[int, int, bool]] = {}
     while True:
         with _wakeup:
             while not _active:
@@ -150,9 +150,11 @@ def _watch() -> None:
         for st in list(_active):
             ctl = st.ctl
             key = id(st)
-            now = (int(ctl.slow_paths), int(ctl.arms))
+            # A reason that became pending since the last tick was delivered
+            # by whoever set it: wait a whole interval before repeating it.
+            now = (int(ctl.slow_paths), int(ctl.arms), bool(st.pending()))
             last, progress[key] = progress.get(key), now
-            if last != now or ctl.mask_depth != 0:
+            if last != now or not now[2] or ctl.mask_depth != 0:
                 continue
             try:
                 nudge(st)

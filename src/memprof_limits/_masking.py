@@ -193,18 +193,32 @@ class SafeMutex:
         self._poisoned = False
 
     def locked(self) -> bool:
+        """Whether the mutex is held."""
         return self._lock.locked()
 
+    def recover(self) -> _Recovery:
+        """``with mutex.recover():`` holds the mutex *despite* the poison, to
+        repair the state it protects; leaving the block normally clears the
+        poison (Rust's ``PoisonError::into_inner``).  Only one thread repairs
+        at a time.
+
+        >>> import memprof_limits as ml
+        >>> m = ml.SafeMutex()
+        >>> with m.recover():
+        ...     pass  # repair here
+        >>> m.poisoned
+        False
+        """
+        return _Recovery(self)
+
     def _ml_enter(self) -> SafeMutex:
-        while not self._lock.acquire(timeout=self._POLL_S):
-            st = _sampler.thread_state()
-            if is_interrupted():
-                raise exception_class(st.pending())()
+        self._acquire_interruptibly()
         if self._poisoned:
             self._lock.release()
             raise PoisonedError(
                 "this SafeMutex was poisoned: a task was interrupted while holding it, so the "
-                "state it protects may be inconsistent; repair it, then call clear_poison()"
+                "state it protects may be inconsistent; repair it in `with mutex.recover():` "
+                "(or call clear_poison() once it is repaired)"
             )
         self._interrupted_at_entry = is_interrupted()
         return self
@@ -213,4 +227,33 @@ class SafeMutex:
         if isinstance(ev, Interrupted) or (is_interrupted() and not self._interrupted_at_entry):
             self._poisoned = True
         self._lock.release()
+        return False
+
+    def _acquire_interruptibly(self) -> None:
+        while not self._lock.acquire(timeout=self._POLL_S):
+            if is_interrupted():
+                raise exception_class(_sampler.thread_state().pending())()
+
+
+class _Recovery:
+    """See :meth:`SafeMutex.recover`."""
+
+    __enter__ = _ENTER
+    __exit__ = _EXIT
+
+    def __init__(self, mutex: SafeMutex) -> None:
+        self._mutex = mutex
+
+    def _ml_enter(self) -> SafeMutex:
+        self._mutex._acquire_interruptibly()
+        self._mutex._interrupted_at_entry = is_interrupted()
+        return self._mutex
+
+    def _ml_exit(self, et: Any, ev: Any, tb: Any) -> bool:
+        m = self._mutex
+        if ev is None and not (is_interrupted() and not m._interrupted_at_entry):
+            m._poisoned = False
+        elif isinstance(ev, Interrupted) or is_interrupted():
+            m._poisoned = True
+        m._lock.release()
         return False

@@ -890,3 +890,27 @@ def test_an_interrupt_from_a_masked_allocation_waits_for_the_region_end() -> Non
     # "allocation limit of 1000000 bytes reached (N bytes allocated)": all of it was counted.
     allocated = int(str(result.exc).split("(")[1].split()[0])
     assert allocated >= 10 * BUDGET
+
+
+def test_an_interrupt_leaving_a_masked_region_is_not_rearmed_in_the_next_finally() -> None:
+    """Re-arming at the end of a masked region is for deferred interrupts; one that is
+    already propagating out of it must not hit the first call of the ``finally``."""
+    lock = threading.Lock()
+    notes: list[str] = []
+
+    def note(what: str) -> None:
+        notes.append(what)
+
+    def task() -> None:
+        data: list[str] = []
+        try:
+            with ml.protect(lock):
+                while True:
+                    data.append(str(len(data)))
+        finally:
+            note("cleanup")
+
+    result = ml.limit_allocations(task, limit="1 MB")
+    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.AllocationLimitExceeded)
+    assert notes == ["cleanup"] and not lock.locked()
+    assert result.exc.__context__ is None  # one interrupt, not a chain of two

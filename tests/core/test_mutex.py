@@ -330,3 +330,34 @@ def test_contention_under_interrupts_never_deadlocks() -> None:
     assert not m.locked()
     assert seen["broken"] == 0, seen
     assert seen["errors"] > 50 and seen["checks"] >= 100 and seen["poisoned"] >= 10, seen
+
+
+def test_recover_holds_the_mutex_despite_the_poison_and_clears_it() -> None:
+    m = ml.SafeMutex()
+
+    def hold_and_get_interrupted() -> None:
+        with m:
+            while True:
+                str(time.monotonic())
+
+    assert isinstance(ml.limit_allocations(hold_and_get_interrupted, limit="100 kB"), ml.Error)
+    assert m.poisoned
+    with pytest.raises(ml.PoisonedError, match="recover"), m:
+        pass
+    with m.recover() as held:
+        assert held is m and m.locked() and m.poisoned  # repairing, still poisoned
+    assert not m.poisoned and not m.locked()
+    with m:
+        pass
+
+
+def test_recover_interrupted_keeps_the_poison() -> None:
+    m = ml.SafeMutex()
+
+    def repair_forever() -> None:
+        with m.recover():
+            while True:
+                str(time.monotonic())
+
+    assert isinstance(ml.limit_allocations(repair_forever, limit="100 kB"), ml.Error)
+    assert m.poisoned and not m.locked()
