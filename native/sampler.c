@@ -785,10 +785,16 @@ double ml_sampling_rate(void) { return g_rate; }
 
 int ml_set_sampling_rate(double rate)
 {
-    /* Threads pick the new rate up at their next sample. */
+    /* Other threads pick the new rate up at their next sample; the calling
+     * thread redraws now (gaps are memoryless: redrawing from here is unbiased). */
     PyGILState_STATE gs = PyGILState_Ensure();
     pthread_mutex_lock(&g_lock);
     int rc = set_rate_unlocked(rate);
+    if (rc == ML_OK && g_started && T.state == 1 && T.epoch == g_epoch) {
+        int64_t now = allocated_now(&T);
+        T.next_sample = now + draw_gap(&T) - 1;
+        reset_countdown(&T, now);
+    }
     pthread_mutex_unlock(&g_lock);
     PyGILState_Release(gs);
     return rc;
