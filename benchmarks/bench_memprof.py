@@ -34,7 +34,7 @@ see the same interpreter state.  For the 10 biggest lines (by tracemalloc) the
 table gives the relative error of the estimate and the standard deviation the
 sampling model predicts, ``1 / sqrt(bytes * rate)`` (``docs/statistical.md``).
 
-    python benchmarks/bench_memprof.py [--rounds 9] [--seeds 5] [--write-results]
+    python benchmarks/bench_memprof.py [--rounds 15] [--seeds 5] [--write-results]
 
 ``--write-results`` records the output in the "## Profiler" section of
 ``benchmarks/RESULTS.md`` (its ``### CPython X.Y`` subsection), with
@@ -329,7 +329,11 @@ def bench_accuracy(seeds: int, rate: float, top: int) -> tuple[str, dict[str, fl
         errors = [run.get((filename, lineno), 0) / size - 1 for run in runs]
         all_errors += [abs(e) for e in errors]
         z_scores += [abs(e) / sd for e in errors]
-        where = f"{lineno}" if filename == __file__ else f"{Path(filename).name}:{lineno}"
+        if filename == __file__:
+            code = Path(filename).read_text().splitlines()[lineno - 1].split("#")[0].strip()
+            where = f"{lineno}: `{code[:60]}`"
+        else:
+            where = f"{Path(filename).name}:{lineno}"
         lines.append(
             f"| {where} | {size / 1024:,.0f} | {runs[0].get((filename, lineno), 0) / 1024:,.0f} | "
             f"{errors[0]:+.1%} | {statistics.fmean(abs(e) for e in errors):.1%} | {sd:.1%} |"
@@ -353,7 +357,7 @@ def bench_accuracy(seeds: int, rate: float, top: int) -> tuple[str, dict[str, fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rounds", type=int, default=9, help="rounds of the workloads (default 9)")
+    p.add_argument("--rounds", type=int, default=15, help="rounds of the workloads (default 15)")
     p.add_argument("--workloads", default="", help="comma-separated subset of the workloads")
     p.add_argument(
         "--tracemalloc-rounds", type=int, default=3, help="rounds with tracemalloc (default 3)"

@@ -33,6 +33,7 @@ RESULTS = HERE / "RESULTS.md"
 # EXTEND HERE: benchmark script -> (RESULTS.md section title, its introduction).  The intro is
 # written when the section is created; an existing section keeps its own.
 SECTIONS: dict[str, tuple[str, str]] = {
+    "bench_memprof.py": ("Profiler", "See benchmarks/bench_memprof.py."),
     "bench_overhead.py": (
         "Engine overhead",
         "What the allocator hooks cost (issue 2). `benchmarks/bench_overhead.py` runs the 13\n"
@@ -163,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     quick_args = {
         "bench_overhead.py": ["--rounds", "2", "--c-reps", "2", "--c-iterations", "200000"],
         "bench_delivery.py": ["--trials", "20", "--mem-trials", "1"],
+        "bench_memprof.py": [
+            "--rounds", "2", "--tracemalloc-rounds", "1", "--seeds", "1",
+            "--c-reps", "1", "--c-iterations", "100000",
+        ],
     }
     status = 0
     for script in discover([o for o in args.only.split(",") if o]):
