@@ -472,13 +472,12 @@ def nb02() -> NotebookNode:
         A wall-clock budget set from the quiet runs would have failed the busy ones. A budget
         in bytes fails or passes them all alike.
 
-        Why can a count move at all? The count is exact, but what a step *requests* depends
-        a little on the state of the process. CPython keeps free lists of recently freed
-        small objects (tuples, floats...), shared by all threads, and an object taken from a
-        free list is not an allocation; and on the main thread — where the kernel runs cells —
-        the interpreter's own work while threads compete for it can allocate a little on the
-        task's account. Hence differences of bytes to a few tens of kilobytes in millions,
-        well under 1 %, where the clock moves by tens of percent or more.
+        Could a count move at all? The count is exact, but what a step *requests* can depend
+        a little on the state of the process: CPython keeps free lists of recently freed
+        small objects (tuples, floats...), and an object taken from a free list is not an
+        allocation. Above, quiet or busy, the counts are identical; across processes and
+        after an interrupted step, differences of a few objects are possible — bytes in
+        millions — where the clock moves by tens of percent or more.
 
         ## The same step fails the same way every time
 
