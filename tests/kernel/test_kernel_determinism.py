@@ -55,6 +55,10 @@ def _steps(k: Kernel) -> list[tuple[str, str | None, int]]:
     return out
 
 
+# A few objects' worth of bytes (see test_same_cell_same_count_in_fresh_kernels).
+FREE_LIST_SLACK = 256
+
+
 def test_same_cell_same_count_in_fresh_kernels() -> None:
     runs = []
     for _ in range(2):
@@ -65,7 +69,10 @@ def test_same_cell_same_count_in_fresh_kernels() -> None:
         finally:
             k.close()
     (proved_1, starved_1), (proved_2, starved_2) = runs
-    assert proved_1 == proved_2, runs
+    # Identical but for CPython's free lists, which the kernel's I/O threads share with
+    # the cell: one object more or less (48 bytes) was seen once in ~20 runs on 3.13.
+    assert proved_1[:2] == proved_2[:2], runs
+    assert abs(proved_1[2] - proved_2[2]) <= FREE_LIST_SLACK, runs
     assert proved_1[0] == "ok" and proved_1[2] > 1_000_000
     assert proof.startswith("' flip push1")
     # Same outcome when the fuel runs out, at the budget.
@@ -82,6 +89,7 @@ def test_count_depends_on_the_rule_order(kernel: Kernel) -> None:
     order (that of PYTHONHASHSEED=3) is another search and another count."""
     kernel.ok(SETUP)
     first = kernel.ok(PROVED).figures["allocated_bytes"]
-    assert kernel.ok(PROVED).figures["allocated_bytes"] == first
+    assert abs(kernel.ok(PROVED).figures["allocated_bytes"] - first) <= FREE_LIST_SLACK
     kernel.ok("ORDER = ['drop', 'flip', 'push1', 'push0', 'swap']")
-    assert kernel.ok(PROVED).figures["allocated_bytes"] != first
+    other = kernel.ok(PROVED).figures["allocated_bytes"]
+    assert abs(other - first) > 10 * FREE_LIST_SLACK, (first, other)
