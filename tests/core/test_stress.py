@@ -539,6 +539,11 @@ def test_cpython_one_line_loop_bugs(name: str, where: str) -> None:
     log, _, result = run_shape(name, where, via_with_resource=False)
     # The task runner is never fooled: the interrupt still reaches it.
     assert isinstance(result, ml.Error) and isinstance(result.exc, ml.Cancelled), result
+    if where == "main":
+        # On the main thread the interrupt comes from a signal handler, whose landing point
+        # (and a possible re-delivery) varies with timing: only the runner's verdict above
+        # is deterministic there.  The worker variant pins CPython's behaviour.
+        return
     if name.startswith("protect"):
         skipped = "lock leaked" in log
     else:
