@@ -217,14 +217,17 @@ def test_interrupts_are_sticky() -> None:
     def stubborn() -> int:
         while len(caught) < 5:
             try:
-                allocate_forever()
-            except ml.Interrupted as e:
+                try:
+                    allocate_forever()
+                except ml.Interrupted as e:
+                    caught.append(e)
+            except ml.Interrupted as e:  # a re-delivery can land in the handler itself
                 caught.append(e)
         return len(caught)
 
     result = ml.limit_allocations(stubborn, limit="1 MB")
     assert isinstance(result, ml.Error)
-    assert len(caught) == 5
+    assert len(caught) >= 5
 
 
 def test_sticky_without_allocating() -> None:
