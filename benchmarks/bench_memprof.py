@@ -60,17 +60,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from workloads import WORKLOADS, _Node  # noqa: E402 - shared with the engine benchmarks
+
 import memprof_limits as ml  # noqa: E402
 from memprof_limits import memprof  # noqa: E402
-
-try:  # shared with the engine benchmarks
-    from workloads import WORKLOADS
-except ImportError:  # pragma: no cover - the file is part of the repository
-    WORKLOADS = {
-        "list_of_tuples": lambda: len([(i, i * 2, str(i)) for i in range(100_000)]),
-        "dict_churn": lambda: len({f"k{i}": [i] for i in range(50_000)}),
-        "fstrings_join": lambda: len("|".join(f"item-{i}".upper() for i in range(120_000))),
-    }
 
 MODES = [
     "nohook",
@@ -247,15 +240,6 @@ class _Point:
         self.x = math.sin(i)
         self.y = math.cos(i) * 3
         self.z = self.x * self.x / 2
-
-
-class _Node:
-    __slots__ = ("left", "right", "value")
-
-    def __init__(self, left: _Node | None, right: _Node | None, value: int) -> None:
-        self.left = left
-        self.right = right
-        self.value = value
 
 
 def _tree(depth: int) -> _Node:
