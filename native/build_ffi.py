@@ -39,8 +39,10 @@ ffibuilder.cdef(_cdef("sampler.h") + _cdef("memprof_api.h"))
 ffibuilder.set_source(
     "memprof_limits._native",
     '#include "sampler.h"\n#include "memprof_api.h"',
-    sources=[os.path.join(REL, "sampler.c"), os.path.join(REL, "memprof.c")],
-    depends=[os.path.join(REL, h) for h in ("sampler.h", "memprof.h", "memprof_api.h")],
+    sources=[os.path.join(REL, f) for f in ("sampler.c", "masking.c", "memprof.c")],
+    depends=[
+        os.path.join(REL, h) for h in ("sampler.h", "internal.h", "memprof.h", "memprof_api.h")
+    ],
     **_COMMON,
 )
 

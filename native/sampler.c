@@ -71,6 +71,7 @@
 
 #include "sampler.h"
 #include "memprof.h"
+#include "internal.h"
 
 #if PY_VERSION_HEX < 0x030B0000 || PY_VERSION_HEX >= 0x030E0000
 #error "memprof-limits supports CPython 3.11 to 3.13"
@@ -79,24 +80,6 @@
 #error "free-threaded CPython is not supported: arming relies on the GIL"
 #endif
 
-#if PY_VERSION_HEX < 0x030C0000
-/* 3.12's single-object exception API, for 3.11. */
-static PyObject *PyErr_GetRaisedException(void)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (type == NULL) return NULL;
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL) PyException_SetTraceback(value, tb);
-    Py_DECREF(type);
-    Py_XDECREF(tb);
-    return value;
-}
-static void PyErr_SetRaisedException(PyObject *exc)
-{
-    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
-}
-#endif
 
 #define ML_TLS __thread __attribute__((tls_model("initial-exec")))
 #define ML_NO_BUDGET INT64_MAX
@@ -138,7 +121,7 @@ static volatile double g_log1m_rate;      /* log1p(-g_rate) */
 static volatile uint64_t g_seed;
 static volatile uint64_t g_epoch;         /* bumped by every ml_start */
 static uint64_t g_thread_ordinal;         /* atomic: seeds of new threads */
-static volatile int64_t g_global_limit;   /* bytes; <= 0: none */
+static volatile int64_t g_global_limit = -1; /* bytes; < 0: none (0 is a real limit) */
 /* Minimum bytes between two RSS reads by a thread: 0 at the default rate and
  * below (every sample reads it: interruption after Exp(rate) bytes past the
  * limit, docs/statistical.md); 1/ML_DEFAULT_RATE at higher rates (profiler),
@@ -151,11 +134,10 @@ static volatile int g_track_rss;          /* read RSS at samples even with no li
 static int64_t g_over_rss;                /* atomic: RSS read when a limit was last found exceeded */
 static int64_t g_rss_reads;               /* atomic */
 
-/* Exception classes armed by the hook, one per reason; strong references set
- * once with the GIL by ml_set_classes and never released. */
-static PyObject *g_exc_memory, *g_exc_allocations, *g_exc_token, *g_exc_base;
-static PyObject *g_flush;      /* a Python no-op: delivers an armed exception */
-static PyObject *g_ensure_ctl; /* Python: gives the current thread a ctl */
+/* Exception classes and Python callables: see internal.h.  Set once with
+ * the GIL by ml_set_classes, never released; read by hooks with the GIL. */
+PyObject *ml_exc_base, *ml_exc_memory, *ml_exc_allocations, *ml_exc_token;
+PyObject *ml_py_flush, *ml_py_ensure_ctl, *ml_py_deliver, *ml_py_after_fork;
 
 /* Registry of threads that allocated since the first start, so that ml_start
  * can reset their counters.  Protected by g_registry_lock. */
@@ -204,6 +186,9 @@ static void thread_exit(void *arg)
     pthread_mutex_unlock(&g_registry_lock);
 }
 
+static inline int64_t allocated_now(const ml_tls_t *t);
+static inline void reset_countdown(ml_tls_t *t, int64_t allocated);
+
 static void atfork_child(void)
 {
     /* Only the forking thread survives: forget the others. */
@@ -213,6 +198,20 @@ static void atfork_child(void)
     if (T.state == 1) {
         T.next = T.prev = NULL;
         g_registry = &T;
+    }
+    /* No limit of the parent applies in the child (as in a new thread): its
+     * budget, pending reasons, watched tokens and memory watch go.  The
+     * Python side (ml_py_after_fork) gives the thread a fresh control block
+     * and retires the parent's scopes; this clears what the hooks read
+     * before that runs. */
+    T.budget_end = ML_NO_BUDGET;
+    if (T.state == 1) reset_countdown(&T, allocated_now(&T));
+    ml_ctl_t *ctl = T.ctl;
+    if (ctl != NULL) {
+        ctl->pending = 0;
+        ctl->n_tokens = 0;
+        ctl->watch_global = 0;
+        ctl->deferred_signals = 0;
     }
 }
 
@@ -300,10 +299,9 @@ static int64_t read_rss(void)
  *    set atomically as _Py_set_eval_breaker_bit does. */
 #if PY_VERSION_HEX < 0x030D0000
 PyAPI_FUNC(void) _PyEval_SignalAsyncExc(PyInterpreterState *interp);
-#define ML_ASYNC_EXCEPTION_BIT ((uintptr_t)1 << 3)
 #endif
 
-static int64_t effective_pending(ml_ctl_t *ctl)
+int64_t ml_effective_pending(ml_ctl_t *ctl)
 {
     int64_t pending = __atomic_load_n(&ctl->pending, __ATOMIC_SEQ_CST);
     for (int64_t i = 0; i < ctl->n_tokens && i < ML_MAX_TOKENS; i++)
@@ -311,30 +309,60 @@ static int64_t effective_pending(ml_ctl_t *ctl)
     return pending;
 }
 
-int64_t ml_ctl_pending(ml_ctl_t *ctl) { return ctl ? effective_pending(ctl) : 0; }
+int64_t ml_ctl_pending(ml_ctl_t *ctl) { return ctl ? ml_effective_pending(ctl) : 0; }
 
-static PyObject *class_for(int64_t pending)
+PyObject *ml_class_for(int64_t pending)
 {
-    if (pending & ML_REASON_MEMORY) return g_exc_memory;
-    if (pending & ML_REASON_ALLOCATIONS) return g_exc_allocations;
-    return g_exc_token;
+    if (pending & ML_REASON_MEMORY) return ml_exc_memory;
+    if (pending & ML_REASON_ALLOCATIONS) return ml_exc_allocations;
+    return ml_exc_token;
 }
 
-static void arm_current_thread(ml_ctl_t *ctl, int64_t pending)
+static PyThreadState *current_tstate(void)
 {
-    PyObject *cls = class_for(pending);
-    if (cls == NULL) return;
 #if PY_VERSION_HEX >= 0x030D0000
-    PyThreadState *ts = PyThreadState_GetUnchecked();
-    if (ts == NULL) return;
+    return PyThreadState_GetUnchecked();
+#else
+    return _PyThreadState_UncheckedGet();
+#endif
+}
+
+/* Whether ts is handling (in an except or finally block) an exception of
+ * class cls, other than `ignore`: the walk of _PyErr_GetTopmostException,
+ * without a reference or an allocation (usable from hooks). */
+static int handling(PyThreadState *ts, PyObject *cls, PyObject *ignore)
+{
+    for (_PyErr_StackItem *ei = ts->exc_info; ei != NULL; ei = ei->previous_item) {
+        PyObject *v = ei->exc_value;
+        if (v == NULL || v == Py_None || v == ignore) continue;
+        return PyObject_TypeCheck(v, (PyTypeObject *)cls);
+    }
+    return 0;
+}
+
+PyObject *ml_armed_exception(void)
+{
+    PyThreadState *ts = current_tstate();
+    if (ts == NULL) return NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    return __atomic_load_n(&ts->async_exc, __ATOMIC_SEQ_CST);
+#else
+    return ts->async_exc;
+#endif
+}
+
+static int arm_current_thread(ml_ctl_t *ctl, int64_t pending, PyObject *ignore)
+{
+    PyObject *cls = ml_class_for(pending);
+    PyThreadState *ts = current_tstate();
+    if (cls == NULL || ts == NULL || handling(ts, cls, ignore)) return 0;
+#if PY_VERSION_HEX >= 0x030D0000
     if (ts->async_exc == NULL) {
         Py_INCREF(cls);
         __atomic_store_n(&ts->async_exc, cls, __ATOMIC_SEQ_CST);
     }
     __atomic_fetch_or(&ts->eval_breaker, (uintptr_t)1 << 3, __ATOMIC_SEQ_CST);
 #else
-    PyThreadState *ts = _PyThreadState_UncheckedGet();
-    if (ts == NULL) return;
     if (ts->async_exc == NULL) {
         Py_INCREF(cls);
         ts->async_exc = cls;
@@ -342,10 +370,19 @@ static void arm_current_thread(ml_ctl_t *ctl, int64_t pending)
     _PyEval_SignalAsyncExc(ts->interp);
 #endif
     ctl->arms++;
+    return 1;
 }
 
+int ml_arm_current(ml_ctl_t *ctl, int64_t pending) { return arm_current_thread(ctl, pending, NULL); }
+int ml_arm_current_ignoring(ml_ctl_t *ctl, int64_t pending, PyObject *ignore)
+{
+    return arm_current_thread(ctl, pending, ignore);
+}
+
+#define ML_BIG_ALLOC ((int64_t)1 << 20)
 /* ------------------------------------------------------------------------ */
-/* The slow path: runs when the countdown went below zero. */
+/* The slow path: runs when the countdown went below zero, or for a block of
+ * ML_BIG_ALLOC bytes or more. */
 static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain)
 {
     ml_tls_t *t = &T;
@@ -373,24 +410,31 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
         t->budget_end = ML_NO_BUDGET;
         if (ctl) __atomic_fetch_or(&ctl->pending, ML_REASON_ALLOCATIONS, __ATOMIC_SEQ_CST);
     }
-    int watched = ctl && ctl->watch_global > 0 && g_global_limit > 0;
-    if (sampled && (watched || g_track_rss) && allocated - t->last_rss_check >= g_rss_interval) {
+    int64_t limit = g_global_limit;
+    int watched = ctl && ctl->watch_global > 0 && limit >= 0;
+    int big = n >= ML_BIG_ALLOC;
+    if ((watched || g_track_rss) &&
+        (big || (sampled && allocated - t->last_rss_check >= g_rss_interval))) {
         t->last_rss_check = allocated;
+        /* A big block is charged in full before its pages are touched: the
+         * RSS read now does not contain it yet, and the task may not sample
+         * again (b"x" * 800 MiB, np.ones(10**8)). */
         int64_t rss = read_rss();
-        if (rss > g_global_limit && watched) {
-            __atomic_store_n(&g_over_rss, rss, __ATOMIC_RELAXED);
+        int64_t would_be = big ? rss + n : rss;
+        if (watched && would_be > limit) {
+            __atomic_store_n(&g_over_rss, would_be, __ATOMIC_RELAXED);
             __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
         }
     }
     reset_countdown(t, allocated);
     if (ctl) ctl->slow_paths++;
     if (ctl && ctl->active > 0) {
-        int64_t pending = effective_pending(ctl);
+        int64_t pending = ml_effective_pending(ctl);
         if (pending) {
             if (ctl->mask_depth > 0) {
                 ctl->deferred++;
             } else if (gil_held) {
-                arm_current_thread(ctl, pending);
+                arm_current_thread(ctl, pending, NULL);
             } else {
                 /* RAW hook: no GIL.  Come back at the next allocation. */
                 t->period = t->countdown = 0;
@@ -399,10 +443,13 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
     }
 }
 
-#define ML_COUNT(p, n, domain)                                      \
-    do {                                                            \
-        if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0)) \
-            slow_path((p), (int64_t)(n), (domain));                 \
+/* Blocks of ML_BIG_ALLOC bytes or more always take the slow path, where a
+ * watched global memory limit is checked against the RSS plus the block. */
+#define ML_COUNT(p, n, domain)                                                  \
+    do {                                                                        \
+        if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0) ||           \
+            __builtin_expect((int64_t)(n) >= ML_BIG_ALLOC, 0))                  \
+            slow_path((p), (int64_t)(n), (domain));                             \
     } while (0)
 
 /* ------------------------------------------------------------------------ */
@@ -524,7 +571,7 @@ static void *h_raw_malloc(void *ctx, size_t n)
 {
     if (T.reentrant) return g_orig_raw.malloc(ctx, n);
     int64_t left = T.countdown - (int64_t)n;
-    if (__builtin_expect(left >= 0, 1)) {
+    if (__builtin_expect(left >= 0 && (int64_t)n < ML_BIG_ALLOC, 1)) {
         T.countdown = left;
         return g_orig_raw.malloc(ctx, n);
     }
@@ -540,7 +587,7 @@ static void *h_raw_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     if (T.reentrant) return g_orig_raw.calloc(ctx, nelem, elsize);
     int64_t left = T.countdown - (int64_t)(nelem * elsize);
-    if (__builtin_expect(left >= 0, 1)) {
+    if (__builtin_expect(left >= 0 && (int64_t)(nelem * elsize) < ML_BIG_ALLOC, 1)) {
         T.countdown = left;
         return g_orig_raw.calloc(ctx, nelem, elsize);
     }
@@ -870,208 +917,43 @@ int64_t ml_recorded_samples(void) { return T.rec_n; }
  * each is atomic with respect to the bytecode of every thread. */
 
 PyAPI_FUNC(int) ml_set_classes(PyObject *base, PyObject *memory, PyObject *allocations,
-                               PyObject *token, PyObject *flush, PyObject *ensure_ctl)
+                               PyObject *token, PyObject *flush, PyObject *ensure_ctl,
+                               PyObject *deliver, PyObject *after_fork)
 {
     Py_INCREF(base); Py_INCREF(memory); Py_INCREF(allocations); Py_INCREF(token);
-    Py_INCREF(flush); Py_INCREF(ensure_ctl);
-    g_ensure_ctl = ensure_ctl;
-    g_exc_base = base;
-    g_exc_memory = memory;
-    g_exc_allocations = allocations;
-    g_exc_token = token;
-    g_flush = flush;
+    Py_INCREF(flush); Py_INCREF(ensure_ctl); Py_INCREF(deliver); Py_INCREF(after_fork);
+    ml_py_ensure_ctl = ensure_ctl;
+    ml_py_deliver = deliver;
+    ml_py_after_fork = after_fork;
+    ml_exc_base = base;
+    ml_exc_memory = memory;
+    ml_exc_allocations = allocations;
+    ml_exc_token = token;
+    ml_py_flush = flush;
     return 0;
 }
 
-/* Arm ctl's thread if an interrupt is pending, a task is active and the
- * thread is not masked.  Returns 1 if armed.  The check and the arming happen
- * under the GIL, so the target cannot enter a masked region in between. */
+/* Arm ctl's thread (another thread) if an interrupt is pending, a task is
+ * active and the thread is not masked.  Returns 1 if armed.  The check and
+ * the arming happen under the GIL, so the target cannot enter a masked region
+ * in between.  (The target's "already handling this cause" rule is applied
+ * where it can be read safely: at its own samples, mask ends and in the
+ * main-thread signal handler; see docs/design.md.) */
 PyAPI_FUNC(int) ml_arm(ml_ctl_t *ctl)
 {
     if (ctl == NULL || ctl->active <= 0) return 0;
-    int64_t pending = effective_pending(ctl);
+    int64_t pending = ml_effective_pending(ctl);
     if (!pending) return 0;
     if (ctl->mask_depth > 0) {
         ctl->deferred++;
         return 0;
     }
-    if (PyThreadState_SetAsyncExc(ctl->thread_id, class_for(pending)) != 1) return 0;
+    if (ctl->thread_id == PyThread_get_thread_ident())
+        return arm_current_thread(ctl, pending, NULL);
+    if (PyThreadState_SetAsyncExc(ctl->thread_id, ml_class_for(pending)) != 1) return 0;
     ctl->arms++;
     return 1;
 }
 
-/* Enter a masked region on the current thread: raise the mask depth, then
- * deliver and swallow any interrupt armed before (it is sticky: its reason is
- * still pending and comes back at unmask).  Another exception raised there (a
- * KeyboardInterrupt from a signal handler) is stored in *other. */
-static void mask_enter(ml_ctl_t *ctl, PyObject **other)
-{
-    ctl->mask_depth++;
-    PyObject *r = PyObject_CallNoArgs(g_flush);
-    if (r != NULL) {
-        Py_DECREF(r);
-        return;
-    }
-    if (g_exc_base && PyErr_ExceptionMatches(g_exc_base)) {
-        PyErr_Clear();
-        ctl->deferred++;
-        return;
-    }
-    if (other) {
-        *other = PyErr_GetRaisedException();
-    } else {
-        PyErr_Clear();
-    }
-}
-
-/* Leave it; re-arm the interrupt if one is pending (deferred delivery) --
- * unless one is already propagating out of the region: re-arming then would
- * interrupt the first call of every `finally` or `except` on its way out
- * (samples and the watchdog still re-deliver if it is swallowed). */
-static void mask_exit(ml_ctl_t *ctl, int propagating)
-{
-    ctl->mask_depth--;
-    if (ctl->mask_depth == 0 && ctl->active > 0 && !propagating) {
-        int64_t pending = effective_pending(ctl);
-        if (pending) arm_current_thread(ctl, pending);
-    }
-}
-
-/* The current thread's ctl, created by Python if needed.  While a thread has
- * no ctl it runs no task, so nothing can interrupt it before this returns. */
-static ml_ctl_t *current_ctl(void)
-{
-    if (T.ctl == NULL && g_ensure_ctl != NULL) {
-        PyObject *r = PyObject_CallNoArgs(g_ensure_ctl);
-        if (r == NULL) return NULL;
-        Py_DECREF(r);
-    }
-    if (T.ctl == NULL && !PyErr_Occurred())
-        PyErr_SetString(PyExc_SystemError, "memprof_limits: no control block for this thread");
-    return T.ctl;
-}
-
-/* fn(*args) masked.  If something other than our interrupt arrives while
- * entering the mask (a KeyboardInterrupt from a signal handler), it is raised
- * instead of calling fn when `is_enter` (nothing was acquired yet), and after
- * calling fn otherwise (an __exit__ must run). */
-static int interrupt_raised(void)
-{
-    return g_exc_base != NULL && PyErr_ExceptionMatches(g_exc_base);
-}
-
-/* `ev` (an __exit__'s exception, or NULL): if it is an interrupt and the
- * call does not suppress it, it goes on propagating. */
-static PyObject *masked_call(PyObject *fn, PyObject *args, int is_enter, PyObject *ev)
-{
-    ml_ctl_t *ctl = current_ctl();
-    if (ctl == NULL) return NULL;
-    PyObject *other = NULL, *r = NULL;
-    mask_enter(ctl, &other);
-    if (other == NULL || !is_enter) r = PyObject_Call(fn, args, NULL);
-    int propagating = r == NULL ? interrupt_raised()
-                      : (ev != NULL && g_exc_base != NULL &&
-                         PyObject_TypeCheck(ev, (PyTypeObject *)g_exc_base) &&
-                         !PyObject_IsTrue(r));
-    mask_exit(ctl, propagating);
-    if (other != NULL) {
-        if (r == NULL) {
-            PyObject *exc = PyErr_GetRaisedException();
-            PyException_SetContext(exc, other);
-            PyErr_SetRaisedException(exc);
-        } else {
-            Py_DECREF(r);
-            r = NULL;
-            PyErr_SetRaisedException(other);
-        }
-    }
-    return r;
-}
-
-PyAPI_FUNC(PyObject *) ml_masked_call(PyObject *fn, PyObject *args)
-{
-    return masked_call(fn, args, 1, NULL);
-}
-
-/* acquire() masked -> r; body(r) with the caller's mask state -> v or
- * exception e; release(r, v, e) masked -> result.  release runs iff acquire
- * returned.  All the sequencing happens in C: no bytecode boundary (hence no
- * delivery point) between the three calls. */
-PyAPI_FUNC(PyObject *) ml_bracket(PyObject *acquire, PyObject *body, PyObject *release)
-{
-    ml_ctl_t *ctl = current_ctl();
-    PyObject *r, *v, *exc = NULL, *other = NULL, *result;
-    if (ctl == NULL) return NULL;
-    mask_enter(ctl, &other);
-    if (other != NULL) {
-        mask_exit(ctl, 0);
-        PyErr_SetRaisedException(other);
-        return NULL;
-    }
-    r = PyObject_CallNoArgs(acquire);
-    if (r == NULL) {
-        mask_exit(ctl, interrupt_raised());
-        return NULL;
-    }
-    /* body runs with the caller's masking state (masked if nested in a
-     * masked region).  Leaving the mask re-arms a deferred interrupt, which
-     * then lands at body's first instruction, inside the bracket. */
-    mask_exit(ctl, 0);
-    v = PyObject_CallOneArg(body, r);
-    if (v == NULL) exc = PyErr_GetRaisedException();
-
-    mask_enter(ctl, &other);
-    if (other != NULL) {
-        /* Something else arrived right at the end of body: it is body's. */
-        if (exc) PyException_SetContext(other, exc);
-        Py_CLEAR(v);
-        exc = other;
-    }
-    result = PyObject_CallFunctionObjArgs(release, r, v ? v : Py_None, exc ? exc : Py_None,
-                                          NULL);
-    Py_DECREF(r);
-    Py_XDECREF(v);
-    Py_XDECREF(exc);
-    mask_exit(ctl, result == NULL && interrupt_raised());
-    return result;
-}
-
-/* Context-manager trampolines: `__enter__ = instancemethod(ml_tramp_enter)`
- * runs self._ml_enter() masked, `__exit__` runs self._ml_exit(et, ev, tb)
- * masked.  Being C functions, they are entered without a bytecode boundary:
- * an interrupt armed during the with-body cannot land between the with
- * statement and the masked region (it is flushed by mask_enter). */
-PyAPI_FUNC(PyObject *) ml_tramp_enter(PyObject *self)
-{
-    PyObject *name = PyUnicode_InternFromString("_ml_enter");
-    if (name == NULL) return NULL;
-    PyObject *fn = PyObject_GetAttr(self, name);
-    Py_DECREF(name);
-    if (fn == NULL) return NULL;
-    PyObject *args = PyTuple_New(0);
-    PyObject *r = args ? masked_call(fn, args, 1, NULL) : NULL;
-    Py_XDECREF(args);
-    Py_DECREF(fn);
-    return r;
-}
-
-PyAPI_FUNC(PyObject *) ml_tramp_exit(PyObject *self, PyObject *et, PyObject *ev, PyObject *tb)
-{
-    PyObject *name = PyUnicode_InternFromString("_ml_exit");
-    if (name == NULL) return NULL;
-    PyObject *fn = PyObject_GetAttr(self, name);
-    Py_DECREF(name);
-    if (fn == NULL) return NULL;
-    PyObject *args = PyTuple_Pack(3, et, ev, tb);
-    PyObject *r = args ? masked_call(fn, args, 0, ev) : NULL;
-    Py_XDECREF(args);
-    Py_DECREF(fn);
-    return r;
-}
-
 /* Is an asynchronous exception armed on the current thread?  (Tests.) */
-PyAPI_FUNC(int) ml_async_exc_armed(void)
-{
-    PyThreadState *ts = PyThreadState_Get();
-    return ts->async_exc != NULL;
-}
+PyAPI_FUNC(int) ml_async_exc_armed(void) { return ml_armed_exception() != NULL; }

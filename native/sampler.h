@@ -47,6 +47,13 @@ typedef struct {
      * the flags themselves are written by Token.set() with the GIL. */
     int64_t *token_flags[ML_MAX_TOKENS];
     int64_t n_tokens;
+    /* Python signals whose handlers arrived while masked (bit n: signal n),
+     * re-raised with PyErr_SetInterruptEx when the region ends.  Owner, GIL. */
+    uint64_t deferred_signals;
+    /* Recursion headroom granted to the outermost masked region (Python and,
+     * 3.12+, C levels), taken back when it ends.  Owner, GIL. */
+    int64_t headroom_py;
+    int64_t headroom_c;
 } ml_ctl_t;
 
 /* Engine life cycle (take the GIL internally). */
@@ -81,7 +88,7 @@ void ml_ctl_clear_pending(ml_ctl_t *ctl, int64_t bits);
 /* The reasons pending: ctl->pending, plus ML_REASON_TOKEN if a watched token is set. */
 int64_t ml_ctl_pending(ml_ctl_t *ctl);
 
-/* Global memory limit (bytes of resident memory; <= 0: none) and RSS. */
+/* Global memory limit (bytes of resident memory; < 0: none) and RSS. */
 void ml_set_global_limit(int64_t bytes);
 int64_t ml_global_limit(void);
 int64_t ml_rss(void);

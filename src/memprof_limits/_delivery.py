@@ -30,6 +30,20 @@ The solution
   with EINTR, run the handler, and raise (PEP 475).
 - A watchdog thread re-delivers every ``REDELIVERY_INTERVAL_S`` while a
   reason is pending and its task runs: sticky interrupts without allocation.
+- One interrupt, delivered once: an interrupt is re-delivered only once it
+  was swallowed -- never while the thread is still handling (in an
+  ``except`` or ``finally``) an interrupt of the same cause.  The
+  main-thread signal handler checks ``sys.exception()``; the C arming paths
+  on the thread itself check the same thing (``native/sampler.c``).  Without
+  it, a token set while the main thread sleeps was delivered twice under
+  load (the setter's signal and the watchdog's, queued real-time signals),
+  the second at the first line of the task's own ``except`` block.
+- If the delivery signal is no longer ours (a program set it to
+  ``SIG_DFL``, whose action would kill the process), it is not sent: the
+  interrupt is armed for the next bytecode boundary instead, and the next
+  task on the main thread installs our handler again.
+- In a child created by ``os.fork`` the watchdog and the list of active
+  tasks start empty (the parent's threads do not exist there).
 
 Known failure cases
 -------------------
@@ -38,20 +52,33 @@ Known failure cases
   only when the call returns.
 - A user handler installed later on ``INTERRUPT_SIGNAL`` replaces ours:
   main-thread tasks are then interrupted only between bytecodes.
+- Worker threads get the "not twice for one cause" rule at their own
+  samples and mask ends, but not from the watchdog (``ml_arm`` cannot read
+  another thread's exception state safely): a worker's handler that keeps
+  running for a whole re-delivery interval without allocating can get the
+  interrupt again.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 import weakref
 from types import FrameType
 
-from . import _exceptions, _sampler
+from . import _exceptions, _sampler, _signals
 from ._sampler import REASON_ALLOCATIONS, REASON_MEMORY, ThreadState
 
-__all__ = ["INTERRUPT_SIGNAL", "REDELIVERY_INTERVAL_S", "activate", "deactivate", "nudge"]
+__all__ = [
+    "INTERRUPT_SIGNAL",
+    "REDELIVERY_INTERVAL_S",
+    "activate",
+    "deactivate",
+    "nudge",
+    "running_tasks",
+]
 
 INTERRUPT_SIGNAL = signal.SIGRTMIN + 2
 REDELIVERY_INTERVAL_S = 0.01
@@ -71,7 +98,8 @@ def exception_class(pending: int) -> type[_exceptions.Interrupted]:
 
 
 def _on_interrupt_signal(signum: int, frame: FrameType | None) -> None:
-    deliver_in_handler(frame)
+    """The delivery signal's handler.  Installed wrapped (``_signals``), it
+    runs masked; the wrapper then calls :func:`deliver_in_handler`."""
 
 
 def _in_finalizer(frame: FrameType | None) -> bool:
@@ -94,8 +122,14 @@ def deliver_in_handler(frame: FrameType | None = None) -> None:
     if ctl.active > 0 and ctl.mask_depth == 0 and not _in_finalizer(frame):
         pending = st.pending()
         if pending:
+            cls = exception_class(pending)
+            if isinstance(sys.exception(), cls):
+                return  # already being handled: delivered once
             ctl.arms += 1
-            raise exception_class(pending)()
+            raise cls()
+
+
+_sampler.deliver_hook = deliver_in_handler
 
 
 def nudge(st: ThreadState) -> None:
@@ -103,7 +137,7 @@ def nudge(st: ThreadState) -> None:
     masked (the checks happen where the interrupt is armed)."""
     if st.ctl.active <= 0 or not st.pending():
         return  # (a signal handler runs Python code, allocating, in the task)
-    if st.is_main and _handler_installed and threading.get_ident() != st.ident:
+    if st.is_main and _handler_installed and threading.get_ident() != st.ident and _ours():
         signal.pthread_kill(st.ident, INTERRUPT_SIGNAL)
     else:
         # Another thread, or the task's own (it set its own token, or this is
@@ -112,18 +146,32 @@ def nudge(st: ThreadState) -> None:
         _sampler.arm(st)
 
 
+def _ours() -> bool:
+    """Whether the delivery signal still runs our handler (a program may
+    have set it to ``SIG_DFL``, which would kill the process)."""
+    return _signals.unwrap(signal.getsignal(INTERRUPT_SIGNAL)) is _on_interrupt_signal
+
+
 def activate(st: ThreadState) -> None:
     """Called (masked) when ``st`` opens its outermost scope."""
     global _watchdog, _handler_installed
-    if st.is_main and not _handler_installed:
-        signal.signal(INTERRUPT_SIGNAL, _on_interrupt_signal)
-        _handler_installed = True
+    if st.is_main:
+        current = signal.getsignal(INTERRUPT_SIGNAL)
+        if not _handler_installed or current in (signal.SIG_DFL, signal.SIG_IGN, None):
+            signal.signal(INTERRUPT_SIGNAL, _on_interrupt_signal)
+            _handler_installed = True
     with _wakeup:
         _active.add(st)
         if _watchdog is None or not _watchdog.is_alive():
             _watchdog = threading.Thread(target=_watch, name="memprof_limits-watchdog", daemon=True)
             _watchdog.start()
         _wakeup.notify()
+
+
+def running_tasks() -> int:
+    """Threads that have a task open (outermost scope not yet closed)."""
+    with _wakeup:
+        return sum(1 for st in _active if st.ctl.active > 0)
 
 
 def deactivate(st: ThreadState) -> None:
@@ -160,3 +208,15 @@ def _watch() -> None:
                 nudge(st)
             except OSError:  # the thread is gone
                 pass
+
+
+def _after_fork_in_child() -> None:
+    """The parent's threads, watchdog included, do not exist in the child
+    (and the condition's lock may have been held by one of them)."""
+    global _wakeup, _watchdog
+    _active.clear()
+    _wakeup = threading.Condition()
+    _watchdog = None
+
+
+_sampler.after_fork_hooks.append(_after_fork_in_child)

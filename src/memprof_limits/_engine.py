@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _sampler
+from . import _delivery, _sampler
 
 __all__ = ["allocated_bytes", "is_started", "sampling_rate", "start", "stop"]
 
@@ -27,14 +27,21 @@ def stop() -> None:
     """Stop the engine and restore the allocators exactly as they were.
 
     Raises ``RuntimeError`` if another hook (``tracemalloc.start()``) was
-    installed after ours: stop that one first.  Stopping while limits are in
-    use makes them ineffective until the next start.
+    installed after ours (stop that one first), or while tasks run under
+    limits in any thread (stopping would let them run past their limits).
 
     >>> import memprof_limits as ml
     >>> ml.stop(); ml.is_started()
     False
     >>> ml.start()
     """
+    running = _delivery.running_tasks()
+    if running:
+        raise RuntimeError(
+            f"memprof_limits.stop(): {running} thread(s) are running tasks under limits; "
+            "stopping the engine now would let them run past their limits -- stop it "
+            "after they end"
+        )
     _sampler.stop()
 
 

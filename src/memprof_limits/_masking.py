@@ -164,7 +164,10 @@ class SafeMutex:
     the mutex is poisoned: the next ``with mutex:`` raises
     :class:`PoisonedError` (as Rust's ``Mutex``) instead of exposing the
     state.  Repair the state, then call :meth:`clear_poison`.  Waiting for
-    the mutex is interruptible by the waiting task's own limits.
+    the mutex is interruptible by the waiting task's own limits.  It is not
+    reentrant: entering it again in the thread that holds it raises
+    ``RuntimeError`` (instead of waiting forever), and only that thread can
+    leave it.
 
     >>> import memprof_limits as ml
     >>> m = ml.SafeMutex()
@@ -182,6 +185,7 @@ class SafeMutex:
         self._lock = threading.Lock()
         self._poisoned = False
         self._interrupted_at_entry = False
+        self._owner: int | None = None  # thread ident of the holder
 
     @property
     def poisoned(self) -> bool:
@@ -214,7 +218,7 @@ class SafeMutex:
     def _ml_enter(self) -> SafeMutex:
         self._acquire_interruptibly()
         if self._poisoned:
-            self._lock.release()
+            self._release()
             raise PoisonedError(
                 "this SafeMutex was poisoned: a task was interrupted while holding it, so the "
                 "state it protects may be inconsistent; repair it in `with mutex.recover():` "
@@ -224,15 +228,34 @@ class SafeMutex:
         return self
 
     def _ml_exit(self, et: Any, ev: Any, tb: Any) -> bool:
+        self._check_owner()
         if isinstance(ev, Interrupted) or (is_interrupted() and not self._interrupted_at_entry):
             self._poisoned = True
-        self._lock.release()
+        self._release()
         return False
 
     def _acquire_interruptibly(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError(
+                "SafeMutex is not reentrant: this thread already holds it (a nested "
+                "`with mutex:` would wait for itself forever)"
+            )
         while not self._lock.acquire(timeout=self._POLL_S):
             if is_interrupted():
                 raise exception_class(_sampler.thread_state().pending())()
+        self._owner = me
+
+    def _check_owner(self) -> None:
+        if self._owner != threading.get_ident():
+            raise RuntimeError(
+                "SafeMutex released by a thread that does not hold it: only the thread that "
+                "entered `with mutex:` leaves it"
+            )
+
+    def _release(self) -> None:
+        self._owner = None
+        self._lock.release()
 
 
 class _Recovery:
@@ -251,9 +274,10 @@ class _Recovery:
 
     def _ml_exit(self, et: Any, ev: Any, tb: Any) -> bool:
         m = self._mutex
+        m._check_owner()
         if ev is None and not (is_interrupted() and not m._interrupted_at_entry):
             m._poisoned = False
         elif isinstance(ev, Interrupted) or is_interrupted():
             m._poisoned = True
-        m._lock.release()
+        m._release()
         return False

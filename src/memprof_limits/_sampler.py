@@ -4,7 +4,8 @@ Two ways into the same shared object:
 
 - ``ffi`` (cffi): the types, to allocate control blocks and token flags
   (``ffi.new``) and read their fields.
-- ``_dll`` (``ctypes.PyDLL``): every function.  PyDLL keeps the GIL held
+- ``_dll`` (``ctypes.PyDLL``): every function that takes no Python object
+  (those that do are builtins made by ``ml_builtins``).  PyDLL keeps the GIL held
   for the whole call, which is what makes "check the mask, then arm" and
   "enter the mask, then call" atomic with respect to every thread's
   bytecode.  cffi's own calls release the GIL: under contention, getting it
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -81,13 +83,20 @@ _c_numpy_patched = _fn("ml_numpy_patched", ctypes.c_int)
 _c_record_samples = _fn("ml_record_samples", None, _vp, _i64)
 _c_recorded_samples = _fn("ml_recorded_samples", _i64)
 _arm = _fn("ml_arm", ctypes.c_int, ctypes.c_void_p)
-_bracket = _fn("ml_bracket", _py, _py, _py, _py)
-_masked_call = _fn("ml_masked_call", _py, _py, _py)
-_tramp_enter = _fn("ml_tramp_enter", _py, _py)
-_tramp_exit = _fn("ml_tramp_exit", _py, _py, _py, _py, _py)
 _async_exc_armed = _fn("ml_async_exc_armed", ctypes.c_int)
 _numpy_patch = _fn("ml_numpy_patch", ctypes.c_int, ctypes.c_void_p)
-_set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py)
+_set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py, _py, _py)
+# The entry points that call Python are builtins (native/masking.c), not
+# ctypes functions: no argument conversion that could fail (ctypes wraps a
+# RecursionError in ArgumentError), and a plain C call.
+(
+    _masked_call,
+    _bracket,
+    _tramp_enter,
+    _tramp_exit,
+    wrap_signal_handler,
+    _after_fork_child,
+) = _fn("ml_builtins", _py)()
 _instancemethod = ctypes.pythonapi.PyInstanceMethod_New
 _instancemethod.argtypes = [_py]
 _instancemethod.restype = _py
@@ -98,9 +107,13 @@ class ThreadState:
 
     The control block's memory belongs to this object; the thread's TLS
     points to it while this object lives (a thread that exits drops it).
+    ``forked`` is set in a child process created by ``os.fork`` on the state
+    of the forking thread, which the child replaces by a fresh one: the
+    scopes still open on it belong to the parent and no longer limit
+    anything.
     """
 
-    __slots__ = ("__weakref__", "address", "ctl", "ident", "is_main", "scopes")
+    __slots__ = ("__weakref__", "address", "ctl", "forked", "ident", "is_main", "scopes")
 
     def __init__(self) -> None:
         self.ctl: Any = ffi.new("ml_ctl_t *")
@@ -108,8 +121,11 @@ class ThreadState:
         self.ctl.thread_id = self.ident
         self.is_main = threading.current_thread() is threading.main_thread()
         self.scopes: list[Any] = []
+        self.forked = False
         self.address = int(ffi.cast("uintptr_t", self.ctl))
         _c_set_ctl(self.address)
+        if self.is_main:
+            _on_main_state()
 
     def __del__(self) -> None:
         # Runs in the owner thread when it exits (threading.local cleanup);
@@ -169,7 +185,43 @@ def _flush() -> None:
     """A no-op Python function: calling it delivers an armed exception."""
 
 
+def _noop(*_args: Any) -> None:
+    pass
+
+
+# Hooks that later modules set (the C side holds our trampolines to them):
+# the main-thread signal delivery (_delivery.deliver_in_handler), what runs
+# once a main-thread state exists (_signals installs its handler wrappers),
+# and resets in a forked child (run after the thread's own state is reset).
+deliver_hook: Callable[[Any], None] = _noop
+main_state_hook: Callable[[], None] = _noop
+after_fork_hooks: list[Callable[[], None]] = []
+
+
+def _on_main_state() -> None:
+    main_state_hook()
+
+
+def _deliver(frame: Any) -> None:
+    deliver_hook(frame)
+
+
+def _after_fork() -> None:
+    """In a forked child: the forking thread gets a fresh state (no limit of
+    the parent applies); the parent's open scopes stay on the old one,
+    marked ``forked``.  (The C side already cleared what its hooks read.)"""
+    old: ThreadState | None = getattr(_local, "state", None)
+    if old is not None:
+        old.forked = True
+        old.ctl.active = 0
+        old.ctl.pending = 0
+        _local.state = ThreadState()
+    for hook in after_fork_hooks:
+        hook()
+
+
 def init_native(describe: Callable[[str], str]) -> None:
+    """Hand the exception classes and the Python callbacks to the C side."""
     _exceptions.Interrupted._describe = describe
     _set_classes(
         _exceptions.Interrupted,
@@ -178,7 +230,12 @@ def init_native(describe: Callable[[str], str]) -> None:
         _exceptions.Cancelled,
         _flush,
         _ensure_ctl,
+        _deliver,
+        _after_fork,
     )
+
+
+os.register_at_fork(after_in_child=_after_fork_child)
 
 
 # --------------------------------------------------------------------------
@@ -284,7 +341,8 @@ def set_budget_end(end: int) -> None:
 
 
 def set_global_limit(limit: int | None) -> None:
-    _c_set_global_limit(limit or 0)
+    """Bytes (0 is a real limit: every sample is over it), or ``None``."""
+    _c_set_global_limit(-1 if limit is None else limit)
 
 
 def rss_bytes() -> int:
@@ -324,7 +382,7 @@ def async_exc_armed() -> bool:
 
 def masked_call(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` with interrupts deferred until it returns."""
-    return _masked_call(fn, args)
+    return _masked_call(fn, *args)
 
 
 def bracket(

@@ -253,23 +253,49 @@ def test_poison_is_seen_by_other_threads() -> None:
     assert other_out == ["entered"] and not m.locked()
 
 
-def test_re_entering_it_inside_a_task_is_interruptible() -> None:
-    """Not reentrant, as ``threading.Lock``; but a task that waits for itself is not stuck
-    forever: its own token ends the wait, the outer ``with`` releases, and the mutex is
-    poisoned (the task was interrupted while holding it)."""
+def test_re_entering_it_in_the_holding_thread_raises_at_once() -> None:
+    """Not reentrant, as ``threading.Lock`` -- but instead of waiting for itself forever the
+    holder gets a clear ``RuntimeError`` at once, in or out of a task; the outer ``with``
+    releases, and nothing is poisoned (no interrupt happened)."""
     m = ml.SafeMutex()
-    token = ml.Token()
 
     def task() -> None:
         with m, m:
             pytest.fail("entered twice")
 
-    timer = threading.Timer(0.1, token.set)
-    timer.start()
-    result = ml.limit_with_token(task, token=token)
-    timer.join()
-    assert isinstance(result, ml.Error) and isinstance(result.exc, ml.Cancelled)
-    assert m.poisoned and not m.locked()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="not reentrant"):
+        ml.limit_with_token(task, token=ml.Token())
+    with pytest.raises(RuntimeError, match="not reentrant"):
+        task()
+    assert time.monotonic() - t0 < 1.0
+    assert not m.poisoned and not m.locked()
+    with m:  # still usable
+        assert m.locked()
+
+
+def test_only_the_holder_can_leave_it() -> None:
+    """Another thread cannot release a ``SafeMutex`` it does not hold (a ``threading.Lock``
+    can be released by anyone): it gets a ``RuntimeError`` and the holder keeps it."""
+    m = ml.SafeMutex()
+    errors: list[BaseException] = []
+
+    def intruder() -> None:
+        try:
+            m.__exit__(None, None, None)
+        except BaseException as e:
+            errors.append(e)
+
+    with m:
+        t = threading.Thread(target=intruder)
+        t.start()
+        t.join(10)
+        assert m.locked()
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert "does not hold it" in str(errors[0])
+    assert not m.locked()
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        m.__exit__(None, None, None)  # nobody holds it
 
 
 def test_contention_under_interrupts_never_deadlocks() -> None:

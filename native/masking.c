@@ -1,0 +1,444 @@
+/* memprof-limits masking: regions where interrupts are deferred, entered
+ * from C, and Python signal handlers that run to completion.
+ *
+ * The problem
+ * -----------
+ * Code that acquires and releases resources (a lock, the library's own scope
+ * bookkeeping) must not be interrupted half-way, and the interrupt must not be
+ * lost either.  Three kinds of asynchronous events can land at any bytecode
+ * boundary: our own interrupt (armed by the sampler, ml_arm or the
+ * main-thread signal), an exception raised by a Python signal handler
+ * (KeyboardInterrupt from the default SIGINT handler, a user's SIGALRM
+ * handler), and RecursionError at the recursion limit.
+ *
+ * What does not work, and why
+ * ---------------------------
+ * - A mask flag set by Python code: the event lands before the flag is set,
+ *   at the function's first instruction.  So regions are entered from C: no
+ *   bytecode runs between the caller and the region.
+ * - Delivering an interrupt armed before the region by calling a Python
+ *   no-op, and assuming what comes out is our interrupt: CPython runs pending
+ *   signal handlers *before* the armed exception at the same check, so a
+ *   handler's KeyboardInterrupt comes out first and our interrupt stays armed
+ *   -- it then landed at the first instruction of `release` (a lock leaked,
+ *   the scope's state half-closed), or, with the old code's NULL exception,
+ *   crashed (PyException_SetContext(NULL, ...)).
+ * - Letting Python signal handlers run inside a masked region: a handler that
+ *   raises breaks the region exactly like an interrupt would; and a handler
+ *   that starts while one of our interrupts is armed is itself interrupted at
+ *   its first instruction (CPython clears the tripped flag first: the handler
+ *   is lost).
+ * - Calling these entry points through ctypes: near the recursion limit the
+ *   argument conversion fails and ctypes wraps the RecursionError in an
+ *   ArgumentError (3.11).  They are builtins (PyCFunction) instead.
+ *
+ * The solution
+ * ------------
+ * - mask_enter: raise the depth; on the outermost entry, grant recursion
+ *   headroom (the region's bookkeeping never fails for lack of stack; taken
+ *   back at the end, so user recursion still fails) and deliver whatever is
+ *   armed by calling a Python no-op until nothing is armed: our interrupts
+ *   are swallowed (sticky: their reason stays pending, re-armed at the end),
+ *   anything else is kept and chained ("other").  Entering never leaves an
+ *   exception set.
+ * - mask_exit: lower the depth; on the outermost exit, take the headroom
+ *   back, re-trip the signals deferred while masked (PyErr_SetInterruptEx),
+ *   and re-arm a pending interrupt unless one is already propagating out of
+ *   the region or the thread is already handling that cause.
+ * - Python signal handlers are wrapped (_signals.py installs the wrappers):
+ *   while masked, the wrapper only records the signal (re-tripped at the end
+ *   of the region); otherwise it runs the handler masked -- to completion,
+ *   like a finalizer -- then lets Python raise a pending interrupt at once
+ *   (deliver_in_handler), so that a blocking call returns.
+ *
+ * Known failure cases
+ * -------------------
+ * - Handlers installed through the C API (PyOS_setsig) are not Python
+ *   handlers and are not wrapped; neither are Python handlers installed with
+ *   the private _signal module.
+ * - A foreign asynchronous exception (PyThreadState_SetAsyncExc by someone
+ *   else) found at entry is raised instead of entering (or after an exit).
+ * - A masked region that runs away cannot be interrupted.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "internal.h"
+
+/* Most deliveries attempted at one mask entry (each consumes one armed
+ * exception or one pending signal that raises; more means a signal storm). */
+#define ML_FLUSH_ROUNDS 16
+/* Python frames (and 3.12+ C levels) granted to the outermost region. */
+#define ML_HEADROOM 64
+
+static int is_interrupt(PyObject *exc)
+{
+    return exc != NULL && ml_exc_base != NULL && PyObject_TypeCheck(exc, (PyTypeObject *)ml_exc_base);
+}
+
+/* Append `exc` (owned) to *chain: *chain becomes exc, its context the old
+ * chain (the later exception happened while the earlier was pending). */
+static void chain_other(PyObject **chain, PyObject *exc)
+{
+    if (exc == NULL) return;
+    if (*chain != NULL && *chain != exc) {
+        if (PyException_GetContext(exc) == NULL) {
+            PyException_SetContext(exc, *chain);   /* steals */
+        } else {
+            Py_DECREF(*chain);
+        }
+    } else {
+        Py_XDECREF(*chain);
+    }
+    *chain = exc;
+}
+
+/* The version-specific recursion counters (cpython/pystate.h). */
+static void grant_headroom(ml_ctl_t *ctl)
+{
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030C0000
+    int py = ts->py_recursion_remaining, c = ts->c_recursion_remaining;
+    ctl->headroom_py = py < ML_HEADROOM ? ML_HEADROOM - py : 0;
+    ctl->headroom_c = c < ML_HEADROOM ? ML_HEADROOM - c : 0;
+    ts->py_recursion_remaining += (int)ctl->headroom_py;
+    ts->c_recursion_remaining += (int)ctl->headroom_c;
+#else
+    int py = ts->recursion_remaining;
+    ctl->headroom_py = py < ML_HEADROOM ? ML_HEADROOM - py : 0;
+    ctl->headroom_c = 0;
+    ts->recursion_remaining += (int)ctl->headroom_py;
+#endif
+}
+
+static void take_headroom_back(ml_ctl_t *ctl)
+{
+    PyThreadState *ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030C0000
+    ts->py_recursion_remaining -= (int)ctl->headroom_py;
+    ts->c_recursion_remaining -= (int)ctl->headroom_c;
+#else
+    ts->recursion_remaining -= (int)ctl->headroom_py;
+#endif
+    ctl->headroom_py = ctl->headroom_c = 0;
+}
+
+/* Enter a masked region.  Never leaves an exception set: anything other than
+ * our interrupt that comes out while delivering what was armed is added to
+ * *other (a new reference, or left NULL). */
+static void mask_enter(ml_ctl_t *ctl, PyObject **other)
+{
+    if (ctl->mask_depth++ > 0) return;  /* nothing is armed while masked */
+    grant_headroom(ctl);
+    for (int i = 0; i < ML_FLUSH_ROUNDS && ml_armed_exception() != NULL; i++) {
+        PyObject *r = PyObject_CallNoArgs(ml_py_flush);
+        if (r != NULL) {
+            Py_DECREF(r);
+            continue;
+        }
+        PyObject *exc = PyErr_GetRaisedException();
+        if (is_interrupt(exc)) {
+            ctl->deferred++;
+            Py_DECREF(exc);
+        } else {
+            chain_other(other, exc);
+        }
+    }
+}
+
+/* Leave it.  On the outermost exit: headroom back, deferred signals
+ * re-tripped, and a pending interrupt re-armed -- unless one is propagating
+ * out of the region (it would hit the first call of every `finally` on its
+ * way out; samples and the watchdog re-deliver if it is swallowed) or the
+ * thread is handling that cause (other than `ignore`, which the region
+ * suppressed). */
+static void mask_exit(ml_ctl_t *ctl, int propagating, PyObject *ignore)
+{
+    if (--ctl->mask_depth > 0) return;
+    take_headroom_back(ctl);
+    uint64_t sigs = ctl->deferred_signals;
+    ctl->deferred_signals = 0;
+    for (int sig = 1; sigs != 0 && sig < 64; sig++) {
+        if (sigs & ((uint64_t)1 << sig)) {
+            sigs &= ~((uint64_t)1 << sig);
+            PyErr_SetInterruptEx(sig);
+        }
+    }
+    if (ctl->active > 0 && !propagating) {
+        int64_t pending = ml_effective_pending(ctl);
+        if (pending) ml_arm_current_ignoring(ctl, pending, ignore);
+    }
+}
+
+/* The current thread's ctl, created by Python if needed.  While a thread has
+ * no ctl it runs no task, so nothing can interrupt it before this returns. */
+static ml_ctl_t *current_ctl(void)
+{
+    ml_ctl_t *ctl = ml_get_ctl();
+    if (ctl == NULL && ml_py_ensure_ctl != NULL) {
+        PyObject *r = PyObject_CallNoArgs(ml_py_ensure_ctl);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+        ctl = ml_get_ctl();
+    }
+    if (ctl == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_SystemError, "memprof_limits: no control block for this thread");
+    return ctl;
+}
+
+/* Raise `other` (owned, may be NULL) after a region: alone if nothing else
+ * is set, else chained under the exception that is. */
+static PyObject *finish(PyObject *r, PyObject *other)
+{
+    if (other == NULL) return r;
+    if (r != NULL) {
+        Py_DECREF(r);
+        PyErr_SetRaisedException(other);
+        return NULL;
+    }
+    PyObject *exc = PyErr_GetRaisedException();
+    if (exc == NULL) {
+        PyErr_SetRaisedException(other);
+    } else {
+        chain_other(&other, exc);   /* exc, with other as its context */
+        PyErr_SetRaisedException(other);
+    }
+    return NULL;
+}
+
+/* fn(*args) masked.  `is_enter`: nothing is acquired yet, so something that
+ * arrives while entering is raised instead of calling fn; otherwise (an
+ * __exit__, a release, a signal handler) fn is called anyway and that
+ * exception is raised afterwards.  `ev` (an __exit__'s exception, or NULL):
+ * if it is an interrupt and fn does not suppress it, it goes on
+ * propagating. */
+static PyObject *masked_call(ml_ctl_t *ctl, PyObject *fn, PyObject *const *args, size_t nargs,
+                             int is_enter, PyObject *ev, int rearm)
+{
+    PyObject *other = NULL, *r = NULL;
+    mask_enter(ctl, &other);
+    if (other == NULL || !is_enter) r = PyObject_Vectorcall(fn, args, nargs, NULL);
+    int propagating, suppressed = 0;
+    if (r == NULL) {
+        propagating = PyErr_Occurred() ? PyErr_ExceptionMatches(ml_exc_base) : 0;
+    } else if (ev != NULL && ev != Py_None) {
+        int truth = PyObject_IsTrue(r);
+        if (truth < 0) {
+            Py_CLEAR(r);
+            propagating = PyErr_ExceptionMatches(ml_exc_base);
+        } else {
+            suppressed = truth;
+            propagating = is_interrupt(ev) && !truth;
+        }
+    } else {
+        propagating = 0;
+    }
+    mask_exit(ctl, propagating || !rearm, suppressed ? ev : NULL);
+    return finish(r, other);
+}
+
+/* masked_call(fn, *args) */
+static PyObject *b_masked_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "masked_call(fn, *args): fn is required");
+        return NULL;
+    }
+    ml_ctl_t *ctl = current_ctl();
+    if (ctl == NULL) return NULL;
+    return masked_call(ctl, args[0], args + 1, (size_t)(nargs - 1), 1, NULL, 1);
+}
+
+/* bracket(acquire, body, release): acquire() masked -> r; body(r) with the
+ * caller's mask state -> v or exception e; release(r, v, e) masked -> the
+ * result.  release runs iff acquire returned.  All the sequencing happens in
+ * C: no bytecode boundary (hence no delivery point) between the calls. */
+static PyObject *b_bracket(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "bracket(acquire, body, release)");
+        return NULL;
+    }
+    PyObject *acquire = args[0], *body = args[1], *release = args[2];
+    ml_ctl_t *ctl = current_ctl();
+    if (ctl == NULL) return NULL;
+    PyObject *other = NULL;
+    mask_enter(ctl, &other);
+    if (other != NULL) {  /* before anything was acquired */
+        mask_exit(ctl, 0, NULL);
+        PyErr_SetRaisedException(other);
+        return NULL;
+    }
+    PyObject *r = PyObject_CallNoArgs(acquire);
+    if (r == NULL) {
+        mask_exit(ctl, PyErr_ExceptionMatches(ml_exc_base), NULL);
+        return NULL;
+    }
+    /* body runs with the caller's masking state (masked if nested in a
+     * masked region).  Leaving the mask re-arms a deferred interrupt, which
+     * then lands at body's first instruction, inside the bracket. */
+    mask_exit(ctl, 0, NULL);
+    PyObject *v = PyObject_CallOneArg(body, r);
+    PyObject *exc = NULL;
+    if (v == NULL) {
+        exc = PyErr_GetRaisedException();
+        if (exc == NULL) {
+            PyErr_SetString(PyExc_SystemError, "memprof_limits: body failed without an exception");
+            exc = PyErr_GetRaisedException();
+        }
+    }
+    mask_enter(ctl, &other);
+    if (other != NULL) {
+        /* Something else arrived right at the end of body: it is body's. */
+        Py_CLEAR(v);
+        if (exc != NULL) chain_other(&exc, other);
+        else exc = other;
+        other = NULL;
+    }
+    PyObject *result = PyObject_CallFunctionObjArgs(release, r, v ? v : Py_None,
+                                                    exc ? exc : Py_None, NULL);
+    Py_DECREF(r);
+    Py_XDECREF(v);
+    Py_XDECREF(exc);
+    mask_exit(ctl, result == NULL && PyErr_ExceptionMatches(ml_exc_base), NULL);
+    return result;
+}
+
+/* Context-manager trampolines: `__enter__ = instancemethod(tramp_enter)`
+ * runs self._ml_enter() masked, `__exit__` runs self._ml_exit(et, ev, tb)
+ * masked.  Being C functions, they are entered without a bytecode boundary:
+ * an interrupt armed during the with-body cannot land between the with
+ * statement and the masked region. */
+static PyObject *call_method_masked(PyObject *self, const char *name, PyObject *const *args,
+                                    size_t nargs, int is_enter, PyObject *ev)
+{
+    ml_ctl_t *ctl = current_ctl();
+    if (ctl == NULL) return NULL;
+    PyObject *fn = PyObject_GetAttrString(self, name);
+    if (fn == NULL) return NULL;
+    PyObject *r = masked_call(ctl, fn, args, nargs, is_enter, ev, 1);
+    Py_DECREF(fn);
+    return r;
+}
+
+static PyObject *b_tramp_enter(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, "__enter__() takes no arguments");
+        return NULL;
+    }
+    return call_method_masked(args[0], "_ml_enter", NULL, 0, 1, NULL);
+}
+
+static PyObject *b_tramp_exit(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "__exit__(exc_type, exc_value, traceback)");
+        return NULL;
+    }
+    return call_method_masked(args[0], "_ml_exit", args + 1, 3, 0, args[2]);
+}
+
+/* The wrapper of a Python signal handler (m_self = the handler), called by
+ * CPython with (signum, frame). */
+static PyObject *b_signal_handler(PyObject *handler, PyObject *const *args, Py_ssize_t nargs)
+{
+    ml_ctl_t *ctl = ml_get_ctl();
+    if (ctl == NULL) return PyObject_Vectorcall(handler, args, (size_t)nargs, NULL);
+    if (ctl->mask_depth > 0 && nargs >= 1) {
+        long sig = PyLong_AsLong(args[0]);
+        if (sig > 0 && sig < 64) {
+            ctl->deferred_signals |= (uint64_t)1 << sig;
+            Py_RETURN_NONE;
+        }
+        PyErr_Clear();
+    }
+    /* Not re-armed at the end of the handler's region: deliver_in_handler
+     * decides (an interrupt armed now would land at its first instruction,
+     * before its checks). */
+    PyObject *r = masked_call(ctl, handler, args, (size_t)nargs, 0, NULL, 0);
+    if (r != NULL && ctl->active > 0 && ctl->mask_depth == 0 && ml_py_deliver != NULL) {
+        /* Raise a pending interrupt now: a blocking call (time.sleep, a
+         * socket read) that the signal woke then returns with it. */
+        PyObject *d = PyObject_Vectorcall(ml_py_deliver, args + (nargs >= 2 ? 1 : nargs),
+                                          nargs >= 2 ? 1 : 0, NULL);
+        if (d == NULL) {
+            Py_CLEAR(r);
+            return NULL;
+        }
+        Py_DECREF(d);
+    }
+    /* Not raised (inside a finalizer, or that cause is being handled): armed
+     * as at the end of any masked region, deferred, never dropped. */
+    if (ctl->active > 0 && ctl->mask_depth == 0) {
+        int64_t pending = ml_effective_pending(ctl);
+        if (pending) ml_arm_current(ctl, pending);
+    }
+    return r;
+}
+
+static PyMethodDef g_signal_handler_def = {
+    "memprof_limits_signal_handler", (PyCFunction)(void (*)(void))b_signal_handler,
+    METH_FASTCALL,
+    "A Python signal handler run to completion: masked, deferred while masked "
+    "(memprof_limits._signals).  __self__ is the handler."};
+
+/* wrap_signal_handler(handler) -> the wrapper (see above). */
+static PyObject *b_wrap_signal_handler(PyObject *mod, PyObject *handler)
+{
+    return PyCFunction_New(&g_signal_handler_def, handler);
+}
+
+/* os.register_at_fork(after_in_child=...): runs in the child, before any
+ * Python code of ours; an interrupt armed in the parent just before the fork
+ * is dropped (no limit of the parent applies), then Python resets its state. */
+static PyObject *b_after_fork_child(PyObject *mod, PyObject *unused)
+{
+    for (int i = 0; i < ML_FLUSH_ROUNDS && ml_armed_exception() != NULL; i++) {
+        PyObject *r = PyObject_CallNoArgs(ml_py_flush);
+        if (r != NULL) {
+            Py_DECREF(r);
+            continue;
+        }
+        PyObject *exc = PyErr_GetRaisedException();
+        if (!is_interrupt(exc)) {
+            PyErr_SetRaisedException(exc);
+            return NULL;
+        }
+        Py_DECREF(exc);
+    }
+    return ml_py_after_fork ? PyObject_CallNoArgs(ml_py_after_fork) : Py_NewRef(Py_None);
+}
+
+static PyMethodDef g_builtins[] = {
+    {"masked_call", (PyCFunction)(void (*)(void))b_masked_call, METH_FASTCALL,
+     "masked_call(fn, *args): fn(*args) with interrupts deferred until it returns."},
+    {"bracket", (PyCFunction)(void (*)(void))b_bracket, METH_FASTCALL,
+     "bracket(acquire, body, release): release(r, v, e) iff r = acquire() returned."},
+    {"tramp_enter", (PyCFunction)(void (*)(void))b_tramp_enter, METH_FASTCALL,
+     "self._ml_enter(), masked."},
+    {"tramp_exit", (PyCFunction)(void (*)(void))b_tramp_exit, METH_FASTCALL,
+     "self._ml_exit(et, ev, tb), masked."},
+    {"wrap_signal_handler", b_wrap_signal_handler, METH_O,
+     "The handler, run to completion (masked), deferred while masked."},
+    {"after_fork_child", b_after_fork_child, METH_NOARGS, "Reset in a forked child."},
+    {NULL, NULL, 0, NULL},
+};
+
+/* [GIL] The builtins above, as a tuple in g_builtins order (created once). */
+PyAPI_FUNC(PyObject *) ml_builtins(void)
+{
+    Py_ssize_t n = 0;
+    while (g_builtins[n].ml_name != NULL) n++;
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *f = PyCFunction_New(&g_builtins[i], NULL);
+        if (f == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, f);
+    }
+    return t;
+}

@@ -1,0 +1,127 @@
+"""Python signal handlers that run to completion, deferred while masked.
+
+The problem
+-----------
+CPython runs a Python signal handler at the next bytecode boundary of the
+main thread, like an asynchronous exception.  Two things go wrong when the
+library's interrupts are in play:
+
+- A handler that starts while one of our interrupts is armed is interrupted
+  at its own first instruction (CPython runs pending handlers first, then
+  raises the armed exception in whatever frame checks next: the handler's).
+  CPython has already cleared the signal's flag: the handler is lost --
+  a ``SIGTERM`` handler that should save state never runs.
+- A handler that raises (the default ``SIGINT`` handler raising
+  ``KeyboardInterrupt``, a ``SIGALRM`` timeout) breaks a masked region
+  exactly as an unmasked interrupt would: a lock acquired but never
+  released, the library's own bookkeeping half-done.
+
+What does not work, and why
+---------------------------
+- Checking at delivery time whether the interrupt lands in a handler: CPython
+  instantiates the armed class at the landing point and cannot be told not
+  to raise it.
+- Checking the signal flags before arming: the signal can arrive after.
+- Running pending handlers before entering a masked region: a signal can
+  arrive inside it.
+
+The solution
+------------
+Every Python handler is installed wrapped in a C function
+(``memprof_limits_signal_handler`` in ``native/masking.c``; no bytecode runs
+before it), which
+
+- while the thread is masked, only records the signal; the end of the
+  region re-trips it (``PyErr_SetInterruptEx``), so the handler runs right
+  after the region -- deferred, never dropped;
+- otherwise runs the handler masked, to completion (an interrupt armed
+  before is delivered and swallowed first, and re-armed after), then raises
+  a pending interrupt at once (so that ``time.sleep`` woken by the signal
+  returns with it).
+
+To wrap every handler, ``signal.signal`` and ``signal.getsignal`` are
+replaced (once the main thread first uses the library) by versions that
+wrap and unwrap: ``getsignal`` and the value returned by ``signal`` are
+always the user's own handler, so saving and restoring handlers works as
+before.  The handlers already installed at that moment (the default
+``SIGINT`` handler, say) are wrapped then.
+
+Known failure cases
+-------------------
+- A handler installed with a reference to the original function taken
+  before (``from signal import signal`` in a module imported earlier), with
+  the private ``_signal`` module or from C is not wrapped: it can still be
+  interrupted at its first instruction, and a raise from it can break a
+  masked region.
+- A handler that runs forever cannot be interrupted (it is masked).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from . import _sampler
+
+__all__ = ["install", "unwrap", "wrap"]
+
+_WRAPPER_NAME = "memprof_limits_signal_handler"
+_original_signal = signal.signal
+_original_getsignal = signal.getsignal
+_installed = False
+
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def _is_wrapper(handler: object) -> bool:
+    return (
+        getattr(handler, "__name__", None) == _WRAPPER_NAME
+        and getattr(handler, "__self__", None) is not None
+    )
+
+
+def wrap(handler: Handler) -> Handler:
+    """The handler to install for ``handler`` (constants stay as they are)."""
+    if callable(handler) and not _is_wrapper(handler):
+        return _sampler.wrap_signal_handler(handler)  # type: ignore[no-any-return]
+    return handler
+
+
+def unwrap(handler: Handler) -> Handler:
+    """The user's handler behind an installed one."""
+    return handler.__self__ if _is_wrapper(handler) else handler  # type: ignore[union-attr]
+
+
+@functools.wraps(_original_signal)
+def _signal(signalnum: int, handler: Handler) -> Handler:
+    return unwrap(_original_signal(signalnum, wrap(handler)))  # type: ignore[arg-type]
+
+
+@functools.wraps(_original_getsignal)
+def _getsignal(signalnum: int) -> Handler:
+    return unwrap(_original_getsignal(signalnum))  # type: ignore[arg-type]
+
+
+def install() -> None:
+    """Wrap the installed Python handlers and every later one (main thread;
+    idempotent)."""
+    global _installed
+    if _installed or threading.current_thread() is not threading.main_thread():
+        return
+    _installed = True
+    signal.signal = _signal  # type: ignore[assignment]
+    signal.getsignal = _getsignal  # type: ignore[assignment]
+    for signum in signal.valid_signals():
+        handler = _original_getsignal(signum)
+        if callable(handler) and not _is_wrapper(handler):
+            try:
+                _original_signal(signum, wrap(handler))  # type: ignore[arg-type]
+            except (OSError, ValueError, RuntimeError):  # not settable here
+                pass
+
+
+_sampler.main_state_hook = install
