@@ -41,6 +41,15 @@ The solution
   figures under ``"memprof_limits"``.
 - Kernel subshells (JEP 91) are refused: they would run cells concurrently
   on the namespace that a cell's rollback restores.
+- The kernel always replies (issue 12).  The cell runner never lets a
+  failure of its bookkeeping escape (``CellOutcome.failures``: shown on
+  stderr after a completed cell, in the ``evalue`` of an interrupted one);
+  here, whatever of our own code around ``IPythonKernel.do_execute`` still
+  raises (setting the cell up, formatting the reply or the metadata)
+  becomes an error reply naming the step (``BookkeepingError: report:
+  RuntimeError: ...``), and the session goes on.  Bad default limits
+  (``MEMPROF_LIMITS``) are reported on stderr with the first cell; the kernel
+  starts without limits.
 - Every ``Session.send`` runs masked: a multipart ZMQ message is never cut.
 
 Known failure cases
@@ -61,6 +70,7 @@ Known failure cases
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -74,6 +84,7 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Float, Type, Unicode, default
 
 import memprof_limits as ml
+from memprof_limits._rollback import describe_exception
 
 from . import __version__
 from .magics import LimitsMagics, SessionSettings
@@ -182,10 +193,22 @@ class MemprofLimitsKernel(IPythonKernel):
         ml.start()
         if self.switch_interval > 0:
             sys.setswitchinterval(self.switch_interval)
+        #: Said on stderr with the first cell (the kernel has no output before).
+        self._startup_warnings: list[str] = []
         try:
             limits = ml.CellLimits.parse(self.default_limits or "off")
-        except ValueError as e:
-            self.log.error("memprof-limits: ignoring default limits %r: %s", self.default_limits, e)
+        except Exception as e:  # ValueError; anything else is reported the same
+            source = (
+                "MEMPROF_LIMITS"
+                if os.environ.get("MEMPROF_LIMITS") == self.default_limits
+                else "MemprofLimitsKernel.default_limits"
+            )
+            warning = (
+                f"memprof-limits: ignoring {source}={self.default_limits!r}: "
+                f"{describe_exception(e)}; the kernel runs with no limits (%limits to set them)"
+            )
+            self.log.error("%s", warning)
+            self._startup_warnings.append(warning)
             limits = ml.CellLimits()
         self.settings = SessionSettings(limits=limits, report=self.report)
         shell = self._shell()
@@ -287,8 +310,8 @@ class MemprofLimitsKernel(IPythonKernel):
             return True
         return isinstance(name, str) and name[:1] == "_" and _HISTORY_NAME.match(name) is not None
 
-    @contextmanager
-    def _cell_of(self, code: str) -> Iterator[ml.Cell]:
+    def _enter_cell(self, code: str) -> tuple[ml.Cell, ExitStack]:
+        """Open the cell of ``code``; the stack closes it (rollback, figures)."""
         runner = self.runner
         shell = self._shell()
         stack = ExitStack()
@@ -298,11 +321,7 @@ class MemprofLimitsKernel(IPythonKernel):
                 self._interrupted_since_clear = False
             cell = stack.enter_context(runner.cell(self.settings.cell_limits(code)))
             self._cell = shell.current_cell = cell
-        with stack:
-            try:
-                yield cell
-            finally:
-                self._cell = shell.current_cell = None
+        return cell, stack
 
     async def do_execute(
         self,
@@ -316,9 +335,19 @@ class MemprofLimitsKernel(IPythonKernel):
         cell_id: str | None = None,
     ) -> dict[str, Any]:
         """Run ``code`` as one cell; an interrupted cell is rolled back and
-        replied as an error named after its cause."""
+        replied as an error named after its cause.  Always returns a reply:
+        a failure of our own code becomes an error reply that names it."""
         shell = self._shell()
-        with self._cell_of(code) as cell:
+        self._reply_metadata = None
+        warnings, self._startup_warnings = self._startup_warnings, []
+        for warning in warnings:
+            print(warning, file=sys.stderr, flush=True)
+        try:
+            cell, stack = self._enter_cell(code)
+        except Exception as e:
+            self._cell = shell.current_cell = None
+            return self._failure_reply("cell setup", e, None)
+        try:
             reply: dict[str, Any] = await super().do_execute(
                 code,
                 silent,
@@ -328,6 +357,22 @@ class MemprofLimitsKernel(IPythonKernel):
                 cell_meta=cell_meta,
                 cell_id=cell_id,
             )
+        finally:
+            self._cell = shell.current_cell = None
+            closing: Exception | None = None
+            try:
+                stack.close()
+            except Exception as e:  # the runner reports its own failures: a bug
+                closing = e
+        if closing is not None:
+            return self._failure_reply("cell end", closing, cell.outcome)
+        try:
+            return self._cell_reply(reply, cell, silent)
+        except Exception as e:
+            return self._failure_reply("report", e, cell.outcome)
+
+    def _cell_reply(self, reply: dict[str, Any], cell: ml.Cell, silent: bool) -> dict[str, Any]:
+        shell = self._shell()
         outcome = cell.outcome
         frames, rss_at_interrupt = shell.take_interrupt_report()
         if outcome.interrupted:
@@ -345,11 +390,71 @@ class MemprofLimitsKernel(IPythonKernel):
                 if now is not None:
                     outcome.freed_bytes = max(outcome.freed_bytes or 0, rss_at_interrupt - now)
             reply = self._interrupted_reply(reply, outcome, frames)
+        elif outcome.failures:
+            # A completed cell: its reply stays ok; say what was not protected.
+            for failure in outcome.failures:
+                print(
+                    f"memprof-limits: {failure.describe()} (this value is not rolled back "
+                    "if the cell is interrupted)"
+                    if failure.stage == "checkpoint"
+                    else f"memprof-limits: {failure.describe()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self.settings.last = outcome
-        self._reply_metadata = outcome.metadata()
+        self._reply_metadata = self._metadata_of(outcome)
         if self.settings.report and not silent:
             print(f"[memprof-limits] {outcome.summary()}")
         return reply
+
+    def _metadata_of(self, outcome: ml.CellOutcome) -> dict[str, Any]:
+        """``outcome.metadata()``, checked JSON-able; a failure is reported
+        in place of the figures (the reply must still go out)."""
+        try:
+            figures = outcome.metadata()
+            json.dumps(figures)
+            return figures
+        except Exception as e:
+            return {"error": f"metadata: {describe_exception(e)}"}
+
+    def _failure_reply(
+        self, stage: str, exc: BaseException, outcome: ml.CellOutcome | None
+    ) -> dict[str, Any]:
+        """An error reply (and ``error`` output) for a failure of the kernel's
+        own code at ``stage``; an interrupted cell keeps its ``ename``."""
+        evalue = f"{stage}: {describe_exception(exc)}"
+        self.log.error("memprof-limits: %s", evalue, exc_info=exc)
+        ename = "BookkeepingError"
+        if outcome is not None:
+            if outcome.interrupted:
+                ename = outcome.ename
+                evalue = f"{evalue} (the cell was interrupted: {outcome.reason})"
+            self._reply_metadata = self._metadata_of(outcome)
+        content = {"traceback": [f"{ename}: {evalue}"], "ename": ename, "evalue": evalue}
+        try:
+            self._publish_error(content)
+        except Exception as e:  # the reply matters more than the output
+            self.log.error("memprof-limits: could not publish an error: %s", e)
+        shell = self.shell
+        count = shell.execution_count - 1 if shell is not None else self.execution_count
+        return {
+            **content,
+            "status": "error",
+            "execution_count": count,
+            "user_expressions": {},
+            "payload": [],
+            "engine_info": {
+                "engine_uuid": self.ident,
+                "engine_id": self.int_id,
+                "method": "execute",
+            },
+        }
+
+    def _publish_error(self, content: dict[str, Any]) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        self.send_response(self.iopub_socket, "error", content, ident=self._topic("error"))
 
     def _interrupted_reply(
         self, reply: dict[str, Any], outcome: ml.CellOutcome, frames: list[str]
@@ -361,10 +466,7 @@ class MemprofLimitsKernel(IPythonKernel):
         stb = frames + shell.plain_traceback(cls, cls(evalue), None)[-1:]
         content = {"traceback": stb, "ename": ename, "evalue": evalue}
         shell._last_traceback = stb
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-        self.send_response(self.iopub_socket, "error", content, ident=self._topic("error"))
+        self._publish_error(content)
         reply = dict(reply)
         reply.update(content)
         reply["status"] = "error"
@@ -384,7 +486,7 @@ class MemprofLimitsKernel(IPythonKernel):
         figures, self._reply_metadata = self._reply_metadata, None
         if figures is not None and reply_content.get("status") != "aborted":
             metadata["memprof_limits"] = figures
-        return metadata
+        return metadata  # type: ignore[no-any-return]
 
     # -- interrupts --------------------------------------------------------------
 

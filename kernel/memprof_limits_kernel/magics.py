@@ -18,6 +18,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 import memprof_limits as ml
+from memprof_limits._rollback import display_name
 
 __all__ = ["LimitsMagics", "SessionSettings", "split_cell_limits"]
 
@@ -56,7 +57,7 @@ class SessionSettings:
             return self.limits
         try:
             return ml.CellLimits.parse(spec, self.limits)
-        except ValueError:
+        except Exception:  # ValueError (or anything): the shell reports it
             return self.limits
 
     def describe(self) -> str:
@@ -121,6 +122,6 @@ class LimitsMagics(Magics):
             return
         try:
             settings.limits = ml.CellLimits.parse(line, settings.limits)
-        except ValueError as e:
-            raise UsageError(f"%limits: {e}\n{_USAGE}") from None
+        except Exception as e:  # ValueError; anything else is reported the same
+            raise UsageError(f"%limits: {display_name(e)}\n{_USAGE}") from None
         print(f"session limits: {settings.limits.describe()}")

@@ -48,6 +48,25 @@ The solution
 - Top-level ``await`` cells: the coroutine is stepped with ``cell.run`` (each
   step is limited); what it awaits is awaited outside the task, raced against
   an interrupt so that an interrupted ``await asyncio.sleep(60)`` ends at once.
+  Only asyncio: ``%autoawait trio`` / ``curio`` (their runners drive the
+  coroutine with their own protocol, which a step cannot hand on) is refused
+  with a ``UsageError`` (:data:`OTHER_LOOPS_REFUSED`).
+- What IPython runs *around* the user's code for a cell -- input
+  transformers, AST transformers, ``pre_execute``/``pre_run_cell``/
+  ``post_execute``/``post_run_cell`` callbacks -- runs as tasks of the cell
+  too (``cell.run(..., charge=False)``: the cell's token and memory limit,
+  not its allocation budget, so that IPython's own transformation work is not
+  counted), so a looping hook is interrupted like the cell.  Callbacks that
+  IPython and ipykernel register themselves run as before (unlimited,
+  finite).  An interrupt before the user's code (a ``pre_*`` callback, a
+  transformer) interrupts the cell: nothing of it runs.
+- **Where a cell ends**: when ``run_cell_async`` returns, i.e. when the last
+  user statement's task has returned and its value was published (nothing
+  of the user's runs in between): ``Cell.complete()``.  From then on, the
+  cell is no longer interrupted by anything: an interrupt of a
+  ``post_run_cell`` callback or of ``user_expressions`` stops *them*, is
+  reported on stderr (or in the expression's result), and the cell replies
+  ``ok`` without rollback.
 
 Known failure cases
 -------------------
@@ -59,10 +78,13 @@ Known failure cases
 - Allocations made by masked machinery (stdout buffering, ``display()``
   messages) still count against the cell's allocation budget: printing is
   work the cell asked for.
+- The ``post_execute``/``post_run_cell`` callbacks of an *interrupted* cell
+  are not run (the cell's token is set: they would be interrupted at once).
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
 import sys
@@ -75,14 +97,37 @@ from typing import Any, Literal
 
 from ipykernel.displayhook import ZMQShellDisplayHook
 from ipykernel.zmqshell import ZMQDisplayPublisher, ZMQInteractiveShell
+from IPython.core.async_helpers import _asyncio_runner, _pseudo_sync_runner
 from IPython.core.error import UsageError
-from traitlets import Type
+from IPython.core.events import EventManager, available_events
+from IPython.core.interactiveshell import InteractiveShell
+from traitlets import Type, validate
 
 import memprof_limits as ml
+from memprof_limits._rollback import describe_exception, display_name
 
 from .magics import split_cell_limits
 
-__all__ = ["LimitedDisplayHook", "LimitedDisplayPublisher", "MemprofLimitsShell"]
+__all__ = [
+    "OTHER_LOOPS_REFUSED",
+    "LimitedDisplayHook",
+    "LimitedDisplayPublisher",
+    "LimitedEventManager",
+    "MemprofLimitsShell",
+]
+
+OTHER_LOOPS_REFUSED = (
+    "the memprof-limits kernel runs top-level await on asyncio only: each step of the "
+    "cell's coroutine is a limited task and what it awaits is awaited outside the task, "
+    "interruptibly, which needs asyncio futures; {runner!r} is refused "
+    "(%autoawait asyncio, or %autoawait off)"
+)
+
+# Events that IPython triggers for a cell (around the user's code).
+_CELL_EVENTS = frozenset({"pre_execute", "pre_run_cell", "post_execute", "post_run_cell"})
+# Callbacks registered by these packages are IPython's own machinery: finite,
+# and run as stock IPython runs them.
+_MACHINERY_MODULES = ("IPython.", "ipykernel.", "memprof_limits_kernel.")
 
 
 class LimitedDisplayHook(ZMQShellDisplayHook):
@@ -148,6 +193,75 @@ class LimitedDisplayPublisher(ZMQDisplayPublisher):
         ml.masked(lambda: super(LimitedDisplayPublisher, self).clear_output(*args, **kwargs))
 
 
+class LimitedEventManager(EventManager):
+    """IPython's events; during a cell, the callbacks of ``pre_execute``,
+    ``pre_run_cell``, ``post_execute`` and ``post_run_cell`` that are not
+    IPython's own run as tasks of the cell (its token and memory limit), so
+    an interrupt stops a looping one.
+
+    Before the cell's user code, an interrupted callback interrupts the cell
+    (its code does not run, the kernel reports it); after it (the cell
+    completed), it stops that callback and the ones after it, is reported on
+    stderr, and the cell stays completed.  Exceptions are handled as stock
+    IPython does (printed, the next callback runs)."""
+
+    shell: MemprofLimitsShell
+
+    def trigger(self, event: str, *args: Any, **kwargs: Any) -> None:
+        shell = self.shell
+        cell = getattr(shell, "current_cell", None)
+        if cell is None or shell._depth > 0 or event not in _CELL_EVENTS:
+            super().trigger(event, *args, **kwargs)
+            return
+        for func in self.callbacks[event][:]:
+            if str(getattr(func, "__module__", "") or "").startswith(_MACHINERY_MODULES):
+                self._call_stock(event, func, args, kwargs)
+                continue
+            if cell.outcome.interrupted or cell.outcome.interrupted_after_completion:
+                return  # the cell's token is set (or its limits reached): nothing more runs
+            shell._depth += 1
+            try:
+                result = cell.run(partial(func, *args, **kwargs), charge=False)
+            except (Exception, KeyboardInterrupt):
+                self._print_error(event, func, args, kwargs)
+                continue
+            finally:
+                shell._depth -= 1
+            if isinstance(result, ml.Error):
+                name = _callable_name(func)
+                if cell.completed:
+                    print(
+                        f"memprof-limits: the {event} callback {name} was interrupted after "
+                        f"the cell completed ({cell.outcome.late_message}); the cell is not "
+                        "rolled back",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                else:
+                    shell._interrupt_frames = [f"Interrupted in the {event} callback {name}\n"]
+                return
+
+    def _call_stock(
+        self, event: str, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+    ) -> None:
+        try:
+            func(*args, **kwargs)
+        except (Exception, KeyboardInterrupt):
+            self._print_error(event, func, args, kwargs)
+
+    def _print_error(
+        self, event: str, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]
+    ) -> None:
+        if self.print_on_error:
+            print(f"Error in callback {_callable_name(func)} (for {event}):")
+        self.shell.showtraceback()
+
+
+def _callable_name(func: object) -> str:
+    name = getattr(func, "__qualname__", None)
+    return name if isinstance(name, str) else display_name(func)
+
+
 def _masked_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         return ml.masked(lambda: fn(*args, **kwargs))
@@ -182,21 +296,82 @@ class MemprofLimitsShell(ZMQInteractiveShell):
         assert isinstance(hook, LimitedDisplayHook)
         return hook
 
-    # -- %%limits ----------------------------------------------------------------
+    def init_events(self) -> None:
+        """IPython's event manager, with cell callbacks run as tasks
+        (:class:`LimitedEventManager`); keeps what IPython registered."""
+        super().init_events()
+        events = LimitedEventManager(self, available_events)
+        events.callbacks = self.events.callbacks
+        self.events = events
+
+    @validate("loop_runner")
+    def _import_runner(self, proposal: Any) -> Any:
+        """Refuse event loops other than asyncio for top-level ``await``
+        (``%autoawait trio``): see :data:`OTHER_LOOPS_REFUSED`."""
+        runner = InteractiveShell.__dict__["_import_runner"].func(self, proposal)
+        if runner is not _asyncio_runner and runner is not _pseudo_sync_runner:
+            value = proposal.value
+            name = value if isinstance(value, str) else _callable_name(runner)
+            raise UsageError(OTHER_LOOPS_REFUSED.format(runner=name))
+        return runner
+
+    # -- %%limits, transformers ----------------------------------------------------
 
     def transform_cell(self, raw_cell: str) -> str:
         """Drop a leading ``%%limits`` line (the kernel reads it before the
-        cell runs); a bad specification is a ``UsageError`` before execution."""
+        cell runs); a bad specification is a ``UsageError`` before execution.
+        In a cell, the input transformers run as a task of the cell: an
+        interrupt stops them and nothing of the cell runs."""
         spec, body = split_cell_limits(raw_cell)
         if spec is not None:
             try:
                 ml.CellLimits.parse(spec)
-            except ValueError as e:
-                raise UsageError(f"%%limits: {e}") from None
+            except Exception as e:  # ValueError; anything else is reported the same
+                raise UsageError(f"%%limits: {display_name(e)}") from None
             if not body.lstrip().startswith("%%"):
                 # Keep line numbers: comment the line out instead of removing it.
                 body = "# %%limits " + spec + "\n" + body
-        return super().transform_cell(body)  # type: ignore[no-any-return]
+        transform = partial(ZMQInteractiveShell.transform_cell, self, body)
+        result = self._around_cell("input transformers", transform)
+        return "" if result is None else result  # type: ignore[no-any-return]
+
+    def transform_ast(self, node: Any) -> Any:
+        """IPython's AST transformers, as a task of the cell (see
+        :meth:`transform_cell`); interrupted: an empty module runs."""
+        result = self._around_cell(
+            "AST transformers", partial(ZMQInteractiveShell.transform_ast, self, node)
+        )
+        return ast.Module(body=[], type_ignores=[]) if result is None else result
+
+    def _around_cell(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` -- IPython's machinery around the user's code -- as an
+        uncharged task of the current cell (see the module's docstring);
+        ``None`` if it was interrupted (the cell is then interrupted)."""
+        cell = self.current_cell
+        if cell is None or self._depth > 0:
+            return fn()
+        if cell.outcome.interrupted:
+            return None
+        self._depth += 1
+        try:
+            result = cell.run(fn, charge=False)
+        finally:
+            self._depth -= 1
+        if isinstance(result, ml.Error):
+            if not self._interrupt_frames:
+                self._interrupt_frames = [f"Interrupted in IPython's {what}\n"]
+            return None
+        return result.value
+
+    async def run_cell_async(self, *args: Any, **kwargs: Any) -> Any:
+        """IPython's cell, then the end of the kernel's cell: the user's code
+        has ended (``Cell.complete()``; see the module's docstring)."""
+        cell = self.current_cell
+        top = cell is not None and self._depth == 0
+        result = await super().run_cell_async(*args, **kwargs)
+        if top and cell is not None:
+            cell.complete()
+        return result
 
     # -- running user code -----------------------------------------------------
 
@@ -425,7 +600,16 @@ class MemprofLimitsShell(ZMQInteractiveShell):
             finally:
                 self._depth -= 1
             if isinstance(outcome, ml.Error):
-                break
+                # After the cell completed: this expression (and the ones
+                # after it, refused) is an error; the cell is not rolled back.
+                exc = outcome.exc
+                out[key] = {
+                    "status": "error",
+                    "ename": type(exc).__name__,
+                    "evalue": cell.outcome.late_message or describe_exception(exc),
+                    "traceback": [],
+                }
+                continue
             out[key] = outcome.value
         return out
 

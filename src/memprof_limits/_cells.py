@@ -8,6 +8,25 @@ checkpointed; if the cell is interrupted they are rolled back, and if the
 interrupt was for memory, memory is released.  The front ends only format
 what :class:`CellOutcome` says.
 
+Two rules the front ends rely on (issue 12):
+
+- **A failure of the runner's own bookkeeping never escapes.**  Taking a
+  checkpoint or rolling back calls user code (``__snapshot__``,
+  ``__restore__``, a key's ``__eq__``), and formatting a report formats user
+  objects.  Each such step is guarded on its own: a failure is recorded in
+  :attr:`CellOutcome.failures` as a :class:`BookkeepingFailure` that names
+  its culprit (``rollback: Guarded 'x': __restore__ raised ValueError:
+  ...``), the other steps still run, and the cell's block exits normally.
+  A value whose checkpoint failed is not protected in that cell (the cell
+  still runs, so that the user can ``del`` or fix it).  Limit parsing
+  raises only ``ValueError``, whatever the size parser raised.
+- **A cell ends when its user code ends** (:meth:`Cell.complete`): a cell
+  is interrupted iff one of its tasks was interrupted before that moment.
+  A token set later (while a front end publishes the value or runs hooks)
+  rolls nothing back; tasks run after completion (hooks) are still limited
+  and interruptible, and their interruption is only noted
+  (:attr:`CellOutcome.interrupted_after_completion`).
+
 >>> import memprof_limits as ml
 >>> ns = {"x": 1}
 >>> runner = ml.CellRunner(ns, limits=ml.CellLimits(allocations=10**6))
@@ -30,7 +49,7 @@ from typing import Any, TypeVar
 from . import _sampler
 from ._exceptions import Interrupted, Reason
 from ._result import Error, Ok
-from ._rollback import Guarded, RollbackReport, tracked_guards
+from ._rollback import Guarded, RollbackReport, describe_exception, display_name, tracked_guards
 from ._scope import (
     LimitScope,
     _describe_scope,
@@ -42,7 +61,7 @@ from ._scope import (
 from ._token import Token
 from ._units import format_bytes, parse_bytes
 
-__all__ = ["Cell", "CellLimits", "CellOutcome", "CellRunner"]
+__all__ = ["BookkeepingFailure", "Cell", "CellLimits", "CellOutcome", "CellRunner"]
 
 T = TypeVar("T")
 
@@ -50,6 +69,53 @@ _LIMITS_HELP = (
     "expected 'memory=SIZE allocations=SIZE' (either or both; SIZE like 2GiB, 500MB or "
     "'off'), or 'off' to remove both limits"
 )
+
+
+def _parse_size(value: object, what: str) -> int:
+    """``parse_bytes``, whose every failure is a ``ValueError`` (it may raise
+    ``OverflowError`` or another type for an absurd size: callers catch
+    ``ValueError`` at their boundary and must not depend on which)."""
+    try:
+        return parse_bytes(value, what=what)  # type: ignore[arg-type]
+    except ValueError:
+        raise
+    except TypeError:
+        if not isinstance(value, str):
+            raise  # a wrong type of argument: parse_bytes says what it expects
+        raise ValueError(_bad_size(value, what, "TypeError")) from None
+    except Exception as e:
+        raise ValueError(_bad_size(value, what, describe_exception(e))) from None
+
+
+def _bad_size(value: object, what: str, error: str) -> str:
+    return (
+        f"{what}: cannot read {_clip(display_name(value))!r} as a size ({error}); "
+        "expected a size like 2GiB, 500MB or 10_000_000"
+    )
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@dataclass(frozen=True)
+class BookkeepingFailure:
+    """A step of the cell runner's own bookkeeping that failed.
+
+    ``stage`` is ``"checkpoint"``, ``"rollback"``, ``"release"`` or
+    ``"figures"``; ``culprit`` names what failed (``Guarded 'x'``);
+    ``error`` says how (``__restore__ raised ValueError: ...``).
+
+    >>> BookkeepingFailure("rollback", "Guarded 'x'", "__restore__ raised OSError").describe()
+    "rollback: Guarded 'x': __restore__ raised OSError"
+    """
+
+    stage: str
+    culprit: str
+    error: str
+
+    def describe(self) -> str:
+        return f"{self.stage}: {self.culprit}: {self.error}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +134,7 @@ class CellLimits:
         for name in ("memory", "allocations"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, parse_bytes(value, what=f"{name} limit"))
+                object.__setattr__(self, name, _parse_size(value, f"{name} limit"))
 
     @classmethod
     def parse(cls, spec: str, base: CellLimits | None = None) -> CellLimits:
@@ -86,13 +152,15 @@ class CellLimits:
             key, sep, value = item.partition("=")
             key = key.strip().lower()
             if not sep or key not in ("memory", "allocations", "mem", "alloc"):
-                raise ValueError(f"limits: cannot read {item!r}: {_LIMITS_HELP}")
+                raise ValueError(f"limits: cannot read {_clip(item)!r}: {_LIMITS_HELP}")
             field_name = "memory" if key.startswith("mem") else "allocations"
             off = value.strip().lower() in ("off", "none")
             try:
-                amount = None if off else parse_bytes(value.strip(), what=field_name)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"limits: {e}") from None
+                amount = None if off else _parse_size(value.strip(), field_name)
+            except ValueError as e:
+                raise ValueError(
+                    f"limits: cannot read {_clip(item)!r}: {_clip(str(e), 200)}; {_LIMITS_HELP}"
+                ) from None
             limits = replace(limits, **{field_name: amount})
         return limits
 
@@ -120,6 +188,13 @@ class CellOutcome:
     rollback: RollbackReport | None = None
     freed_bytes: int | None = None
     exception: BaseException | None = field(default=None, repr=False)
+    #: Failures of the runner's own bookkeeping (see :class:`BookkeepingFailure`).
+    failures: list[BookkeepingFailure] = field(default_factory=list)
+    #: A task run after the cell completed (a hook) was interrupted: the
+    #: cell itself was not (nothing was rolled back).
+    interrupted_after_completion: bool = False
+    #: The interrupt message of that task.
+    late_message: str | None = None
 
     @property
     def ename(self) -> str:
@@ -144,6 +219,7 @@ class CellOutcome:
         parts = [self.message or "cancelled: the token was set"]
         if self.rollback is not None:
             parts.append(self.rollback.describe())
+        parts += [f.describe() for f in self.failures]
         if self.freed_bytes is not None:
             parts.append(f"freed {format_bytes(self.freed_bytes)}")
         return "; ".join(parts)
@@ -165,9 +241,12 @@ class CellOutcome:
                     "changed": list(self.rollback.changed),
                     "deleted": list(self.rollback.removed),
                     "restored": list(self.rollback.restored),
+                    "failed": list(self.rollback.failed),
                 }
             ),
             "freed_bytes": self.freed_bytes,
+            "bookkeeping_errors": [f.describe() for f in self.failures],
+            "interrupted_after_completion": self.interrupted_after_completion,
         }
 
 
@@ -180,17 +259,44 @@ class Cell:
         self.outcome = CellOutcome(limits=limits)
         self._runner = runner
         self._allocated = 0
+        self._completed = False
 
-    def run(self, fn: Callable[[], T]) -> Ok[T] | Error:
+    @property
+    def completed(self) -> bool:
+        """Whether :meth:`complete` was called on a cell not interrupted."""
+        return self._completed
+
+    def complete(self) -> None:
+        """The cell's user code has ended (successfully or with an ordinary
+        exception): from now on the cell is not interrupted by anything --
+        a token set later rolls nothing back, and a task run later (a hook)
+        that is interrupted leaves the cell as it is.  No effect on a cell
+        already interrupted."""
+        if not self.outcome.interrupted:
+            self._completed = True
+
+    def run(self, fn: Callable[[], T], *, charge: bool = True) -> Ok[T] | Error:
         """Run ``fn()`` as a task of this cell: ``Ok(value)`` or ``Error(exc)``
         when one of the cell's limits is reached (or it was interrupted).
         Other exceptions propagate.  Once the cell is interrupted, later
-        calls return ``Error`` without running ``fn``."""
+        calls return ``Error`` without running ``fn``.
+
+        ``charge=False`` runs ``fn`` under the cell's token and memory limit
+        only: its allocations are neither limited by nor added to the cell's
+        allocation budget (a front end's machinery around the user's code,
+        such as IPython's input transformers, whose work would otherwise
+        change every cell's count).
+
+        After :meth:`complete`, tasks still run under the cell's token and
+        limits, but an interrupted one only sets
+        ``outcome.interrupted_after_completion`` (and later tasks are
+        refused)."""
         outcome = self.outcome
-        if outcome.interrupted:
-            return Error(outcome.exception or Interrupted(outcome.message or "interrupted"))
+        if outcome.interrupted or outcome.interrupted_after_completion:
+            message = outcome.message or outcome.late_message or "interrupted"
+            return Error(outcome.exception or Interrupted(message))
         remaining = None
-        if self.limits.allocations is not None:
+        if charge and self.limits.allocations is not None:
             remaining = max(0, self.limits.allocations - self._allocated)
         scope = LimitScope(
             memory=self.limits.memory is not None, allocations=remaining, token=self.token
@@ -198,21 +304,29 @@ class Cell:
         try:
             result = _run(scope, fn)
         finally:
-            self._allocated += scope.allocated_bytes or 0
+            if charge:
+                self._allocated += scope.allocated_bytes or 0
         if not isinstance(result, Error):
             return result
         exc = result.exc
-        outcome.interrupted = True
-        outcome.reason = scope.reason
-        outcome.exception = exc
         if scope.reason == "allocations" and self.limits.allocations is not None:
             # The figures of the cell, not of this task's share of its budget.
-            outcome.message = (
+            message = (
                 f"allocation limit of {self.limits.allocations} bytes reached "
                 f"({self._allocated} bytes allocated)"
             )
+        elif isinstance(exc, Interrupted):
+            message = display_name(exc)
         else:
-            outcome.message = str(exc) if isinstance(exc, Interrupted) else _describe_scope(scope)
+            message = _describe_scope(scope)
+        if self._completed:
+            outcome.interrupted_after_completion = True
+            outcome.late_message = message
+            return Error(exc)
+        outcome.interrupted = True
+        outcome.reason = scope.reason
+        outcome.exception = exc
+        outcome.message = message
         return Error(exc)
 
 
@@ -271,46 +385,91 @@ class CellRunner:
         """
         limits = limits or self.limits
         cell = Cell(self, limits)
-        checkpoints = self._checkpoint() if self.rollback else []
+        outcome = cell.outcome
+        checkpoints = self._checkpoint(outcome) if self.rollback else []
         previous_limit = get_global_memory_limit()
-        if limits.memory is not None:
-            set_global_memory_limit(limits.memory)
-        _sampler.ensure_started()
-        _sampler.reset_peak_rss()
-        _sampler.set_track_rss(True)
-        start_rss = _sampler.rss_bytes()
+        try:
+            if limits.memory is not None:
+                set_global_memory_limit(limits.memory)
+            _sampler.ensure_started()
+            _sampler.reset_peak_rss()
+            _sampler.set_track_rss(True)
+            start_rss = _sampler.rss_bytes()
+        except BaseException:
+            set_global_memory_limit(previous_limit)
+            raise
         start = time.perf_counter()
         self._current = cell
         try:
             yield cell
         finally:
             self._current = None
-            outcome = cell.outcome
-            outcome.wall_time_s = time.perf_counter() - start
-            outcome.allocated_bytes = cell._allocated
-            _sampler.set_track_rss(False)
-            outcome.peak_rss_bytes = max(start_rss, _sampler.peak_rss_bytes(), _sampler.rss_bytes())
-            if cell.token.is_set() and not outcome.interrupted:
-                outcome.interrupted = True
-                outcome.reason = "token"
-                outcome.message = "cancelled: the token was set"
+            # A cell is interrupted iff one of its tasks was (Cell.run): a
+            # token set when no task of the cell follows interrupts nothing.
+            try:
+                outcome.wall_time_s = time.perf_counter() - start
+                outcome.allocated_bytes = cell._allocated
+                _sampler.set_track_rss(False)
+                outcome.peak_rss_bytes = max(
+                    start_rss, _sampler.peak_rss_bytes(), _sampler.rss_bytes()
+                )
+            except Exception as e:
+                outcome.failures.append(
+                    BookkeepingFailure("figures", "the cell's figures", describe_exception(e))
+                )
             if outcome.interrupted:
                 if checkpoints:
-                    report = RollbackReport()
-                    for guard, checkpoint in checkpoints:
-                        report = report.merge(guard.rollback(checkpoint))
-                    outcome.rollback = report
+                    outcome.rollback = self._rollback(checkpoints, outcome)
                 if outcome.reason == "memory":
                     # From the cell's peak: the interrupted frames freed most
                     # of it as they unwound, before we get here.
-                    release_memory()
-                    outcome.freed_bytes = max(0, outcome.peak_rss_bytes - _sampler.rss_bytes())
+                    try:
+                        release_memory()
+                        outcome.freed_bytes = max(0, outcome.peak_rss_bytes - _sampler.rss_bytes())
+                    except Exception as e:
+                        outcome.failures.append(
+                            BookkeepingFailure("release", "release_memory", describe_exception(e))
+                        )
             if limits.memory is not None:
                 set_global_memory_limit(previous_limit)
             self.last = outcome
 
-    def _checkpoint(self) -> list[tuple[Guarded[Any], Any]]:
+    def _checkpoint(self, outcome: CellOutcome) -> list[tuple[Guarded[Any], Any]]:
+        """Checkpoints of the namespace and the tracked values; a value whose
+        checkpoint fails is left out (and reported): the cell still runs."""
         guards: list[Guarded[Any]] = list(tracked_guards())
         if self._namespace is not None:
             guards.insert(0, self._namespace)
-        return [(g, g.checkpoint()) for g in guards]
+        checkpoints = []
+        for guard in guards:
+            try:
+                checkpoints.append((guard, guard.checkpoint()))
+            except Exception as e:
+                error = f"{guard.snapshot_method()} raised {describe_exception(e)}"
+                outcome.failures.append(
+                    BookkeepingFailure("checkpoint", self._culprit(guard), error)
+                )
+        return checkpoints
+
+    def _rollback(
+        self, checkpoints: list[tuple[Guarded[Any], Any]], outcome: CellOutcome
+    ) -> RollbackReport:
+        """Roll every value back on its own: one that fails is reported and
+        the others are still rolled back."""
+        report = RollbackReport()
+        for guard, checkpoint in checkpoints:
+            try:
+                part = guard.rollback(checkpoint)
+            except Exception as e:
+                error = f"{guard.restore_method(checkpoint)} raised {describe_exception(e)}"
+                outcome.failures.append(BookkeepingFailure("rollback", self._culprit(guard), error))
+                continue
+            for failed in part.failed:
+                outcome.failures.append(
+                    BookkeepingFailure("rollback", self._culprit(guard), failed)
+                )
+            report = report.merge(replace(part, failed=()))
+        return report
+
+    def _culprit(self, guard: Guarded[Any]) -> str:
+        return "the namespace" if guard is self._namespace else f"Guarded {guard.name!r}"

@@ -21,13 +21,36 @@ from . import _sampler
 from ._exceptions import Interrupted
 from ._scope import is_interrupted
 
-__all__ = ["Guarded", "RollbackReport", "tracked_guards"]
+__all__ = ["Guarded", "RollbackReport", "describe_exception", "display_name", "tracked_guards"]
 
 T = TypeVar("T")
 
 _MISSING = object()
 _tracked: weakref.WeakSet[Guarded[Any]] = weakref.WeakSet()
 _ENTER, _EXIT = _sampler.masked_methods()
+
+
+def display_name(obj: object) -> str:
+    """A name for ``obj`` in a report that cannot fail: ``str(obj)`` (an exact
+    ``str`` for a ``str`` subclass, whose own ``__str__`` is not called), else
+    ``<unprintable TYPE>`` when ``str`` raises or returns something else."""
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    try:
+        text = str(obj)
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+    if not isinstance(text, str):  # pragma: no cover - str() checks this itself
+        return f"<unprintable {type(obj).__name__}>"
+    return str.__str__(text)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``TYPE: message``; never raises (a hostile ``__str__`` gives
+    ``TYPE: <unprintable TYPE>``)."""
+    name = type(exc).__name__
+    text = display_name(exc)
+    return f"{name}: {text}" if text else name
 
 
 @dataclass(frozen=True)
@@ -39,9 +62,12 @@ class RollbackReport:
     changed: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     restored: tuple[str, ...] = field(default=())  # names of other guarded values
+    #: What could not be rolled back, one description each (a mapping key
+    #: whose deletion or restoration raised); the rest was rolled back.
+    failed: tuple[str, ...] = field(default=())
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.changed or self.removed or self.restored)
+        return bool(self.added or self.changed or self.removed or self.restored or self.failed)
 
     def merge(self, other: RollbackReport) -> RollbackReport:
         return RollbackReport(
@@ -49,15 +75,20 @@ class RollbackReport:
             self.changed + other.changed,
             self.removed + other.removed,
             self.restored + other.restored,
+            self.failed + other.failed,
         )
 
     def describe(self) -> str:
-        """One line, e.g. ``rolled back: x (changed), y (added)``."""
+        """One line, e.g. ``rolled back: x (changed), y (added)``.  Names are
+        always strings (unprintable keys are shown as ``<unprintable T>``)."""
         parts = [f"{k} (added)" for k in self.added]
         parts += [f"{k} (changed)" for k in self.changed]
         parts += [f"{k} (deleted)" for k in self.removed]
         parts += [f"{k} (restored)" for k in self.restored]
-        return "rolled back: " + ", ".join(parts) if parts else "nothing to roll back"
+        line = "rolled back: " + ", ".join(parts) if parts else "nothing to roll back"
+        if self.failed:
+            line += "; could not roll back: " + ", ".join(self.failed)
+        return line
 
 
 class _Checkpoint:
@@ -107,8 +138,12 @@ class Guarded(Generic[T]):
     ) -> None:
         if (snapshot is None) != (restore is None):
             raise TypeError("Guarded: give both snapshot= and restore=, or neither")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"Guarded: name: expected a str, got {type(name).__name__}")
         self.value = value
-        self.name = name or type(value).__name__
+        # An exact str: reports format it, and a str subclass could override
+        # __str__ / __format__.
+        self.name = str.__str__(name) if name else type(value).__name__
         self._snapshot = snapshot
         self._restore = restore
         self._exclude = exclude
@@ -119,6 +154,20 @@ class Guarded(Generic[T]):
         return f"Guarded({self.value!r})"
 
     # -- checkpoints -------------------------------------------------------
+
+    def snapshot_method(self) -> str:
+        """What :meth:`checkpoint` calls, for error messages: ``snapshot=``,
+        ``__snapshot__`` or ``copy`` (the shallow copy of a container)."""
+        if self._snapshot is not None:
+            return "snapshot="
+        return "__snapshot__" if hasattr(type(self.value), "__snapshot__") else "copy"
+
+    def restore_method(self, checkpoint: _Checkpoint) -> str:
+        """What :meth:`rollback` calls, for error messages: ``restore=``,
+        ``__restore__`` or ``restore`` (the restoration of a container)."""
+        if self._restore is not None:
+            return "restore="
+        return "__restore__" if hasattr(type(checkpoint.value), "__restore__") else "restore"
 
     def checkpoint(self) -> _Checkpoint:
         """Take a checkpoint of the current state (O(size) for containers)."""
@@ -164,22 +213,35 @@ class Guarded(Generic[T]):
     def _rollback_mapping(
         self, current: MutableMapping[Any, Any], old: dict[Any, Any]
     ) -> RollbackReport:
+        # Keys are user objects: their __eq__ (on a hash collision) or the
+        # exclude() predicate may raise, their __str__ too.  Each key is
+        # rolled back on its own; one that fails is reported and the others
+        # are still rolled back.  Names go through display_name (never str()).
         exclude = self._exclude or (lambda _k: False)
-        added, changed, removed = [], [], []
-        for key in [k for k in current if k not in old]:
-            if not exclude(key):
+        added: list[str] = []
+        changed: list[str] = []
+        removed: list[str] = []
+        failed: list[str] = []
+        for key in list(current):
+            try:
+                if key in old or exclude(key):
+                    continue
                 del current[key]
-                added.append(str(key))
-        for key, value in old.items():
-            now = current.get(key, _MISSING)
-            if now is value or exclude(key):  # identity first: exclude() only on changes
+            except Exception as e:
+                failed.append(f"key {display_name(key)} ({describe_exception(e)})")
                 continue
-            if now is _MISSING:
-                removed.append(str(key))
-            else:
-                changed.append(str(key))
-            current[key] = value
-        return RollbackReport(tuple(added), tuple(changed), tuple(removed))
+            added.append(display_name(key))
+        for key, value in old.items():
+            try:
+                now = current.get(key, _MISSING)
+                if now is value or exclude(key):  # identity first: exclude() only on changes
+                    continue
+                current[key] = value
+            except Exception as e:
+                failed.append(f"key {display_name(key)} ({describe_exception(e)})")
+                continue
+            (removed if now is _MISSING else changed).append(display_name(key))
+        return RollbackReport(tuple(added), tuple(changed), tuple(removed), failed=tuple(failed))
 
     def transaction(self) -> _Transaction[T]:
         """A context manager: checkpoint on entry; roll back on exit if the

@@ -104,3 +104,192 @@ def test_limits_parse() -> None:
     for bad in ("memory", "speed=3", "memory=lots"):
         with pytest.raises(ValueError, match="expected"):
             ml.CellLimits.parse(bad)
+
+
+# -- issue 12, item 9: a failure of the runner's own bookkeeping never escapes ------------------
+
+
+class _Unprintable:
+    """A hostile object: ``str``, ``repr`` and ``format`` all raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+class _BadSnapshot:
+    def __snapshot__(self) -> object:
+        raise ValueError("cannot snapshot")
+
+    def __restore__(self, state: object) -> None:
+        pass
+
+
+class _BadRestore:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __snapshot__(self) -> int:
+        return self.n
+
+    def __restore__(self, state: int) -> None:
+        raise ValueError("cannot restore")
+
+
+def _interrupted_cell(runner: ml.CellRunner, code: str, ns: dict[str, object]) -> ml.CellOutcome:
+    threading.Timer(0.1, runner.interrupt).start()
+    with runner.cell() as cell:
+        cell.run(lambda: exec(code, ns))
+    assert cell.outcome.interrupted and cell.outcome.reason == "token"
+    return cell.outcome
+
+
+@pytest.mark.parametrize(
+    "spec", ["allocations=1e308TB", "memory=1e400GiB", "allocations=9" * 400, "memory=1e999999"]
+)
+def test_limits_parse_turns_any_size_failure_into_a_value_error(spec: str) -> None:
+    # Whatever parse_bytes raises for an absurd size (OverflowError today),
+    # the caller gets a ValueError that says what was expected.
+    with pytest.raises(ValueError, match=r"limits: .*expected"):
+        ml.CellLimits.parse(spec)
+
+
+@pytest.mark.parametrize("exc", [OverflowError("huge"), RuntimeError("odd"), ArithmeticError()])
+def test_limits_parse_does_not_depend_on_the_exception_type(
+    monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    from memprof_limits import _cells
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise exc
+
+    monkeypatch.setattr(_cells, "parse_bytes", broken)
+    with pytest.raises(ValueError, match=r"limits: cannot read 'allocations=1MB'"):
+        ml.CellLimits.parse("allocations=1MB")
+    with pytest.raises(ValueError, match="memory limit"):
+        ml.CellLimits(memory="1MB")  # type: ignore[arg-type]
+
+
+def test_a_snapshot_that_raises_is_reported_and_the_cell_runs() -> None:
+    bad = ml.Guarded(_BadSnapshot(), name="bad")
+    ns: dict[str, object] = {}
+    runner = ml.CellRunner(ns)
+    with runner.cell() as cell:
+        assert isinstance(cell.run(lambda: exec("y = 1", ns)), ml.Ok)
+    outcome = cell.outcome
+    assert ns["y"] == 1 and not outcome.interrupted
+    assert [f.describe() for f in outcome.failures] == [
+        "checkpoint: Guarded 'bad': __snapshot__ raised ValueError: cannot snapshot"
+    ]
+    # Interrupted: the namespace is still rolled back, and the line says
+    # which value could not be.
+    outcome = _interrupted_cell(runner, "y = 2\nwhile True: pass", ns)
+    assert ns["y"] == 1
+    line = outcome.interrupt_line()
+    assert "y (changed)" in line and "__snapshot__ raised ValueError: cannot snapshot" in line
+    del bad
+
+
+def test_a_restore_that_raises_is_reported_and_the_rest_is_rolled_back() -> None:
+    bad = ml.Guarded(_BadRestore(), name="bad")
+    good = ml.Guarded([1, 2], name="good")
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    code = "x = 2\nnew = 1\nbad.value.n = 5\ngood.value.append(3)\nwhile True: pass"
+    ns.update(bad=bad, good=good)
+    outcome = _interrupted_cell(runner, code, ns)
+    assert ns["x"] == 1 and "new" not in ns and good.value == [1, 2]
+    assert [f.describe() for f in outcome.failures] == [
+        "rollback: Guarded 'bad': __restore__ raised ValueError: cannot restore"
+    ]
+    line = outcome.interrupt_line()
+    assert "x (changed)" in line and "good (restored)" in line
+    assert "rollback: Guarded 'bad': __restore__ raised ValueError: cannot restore" in line
+    assert outcome.metadata()["bookkeeping_errors"] == [
+        "rollback: Guarded 'bad': __restore__ raised ValueError: cannot restore"
+    ]
+    # The runner goes on: the next cell runs and commits.
+    with runner.cell() as cell:
+        assert isinstance(cell.run(lambda: exec("x = 3", ns)), ml.Ok)
+    assert ns["x"] == 3 and not cell.outcome.failures
+    del ns["bad"], bad
+
+
+def test_an_unprintable_namespace_key_is_rolled_back_and_named() -> None:
+    key = _Unprintable()
+    ns: dict[object, object] = {"K": key}
+    runner = ml.CellRunner(ns)  # type: ignore[arg-type]
+    outcome = _interrupted_cell(runner, "g = globals()\ng[K] = 1\nwhile True: pass", ns)  # type: ignore[arg-type]
+    assert key not in ns and "g" not in ns
+    line = outcome.interrupt_line()
+    assert "<unprintable _Unprintable>" in line and "g (added)" in line
+    import json
+
+    json.dumps(outcome.metadata())  # JSON-able: no hostile object in it
+    del key
+
+
+def test_unprintable_guarded_names_and_exceptions_are_reported() -> None:
+    class Hostile(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    class Restore:
+        def __snapshot__(self) -> None:
+            return None
+
+        def __restore__(self, state: None) -> None:
+            raise Hostile
+
+    with pytest.raises(TypeError, match="name: expected a str"):
+        ml.Guarded([], name=_Unprintable())  # type: ignore[arg-type]
+    bad = ml.Guarded(Restore())
+    outcome = _interrupted_cell(ml.CellRunner({}), "while True: pass", {})
+    assert [f.describe() for f in outcome.failures] == [
+        "rollback: Guarded 'Restore': __restore__ raised Hostile: <unprintable Hostile>"
+    ]
+    del bad
+
+
+# -- issue 12, item 10: a completed cell is never rolled back ------------------------------------
+
+
+def test_a_token_set_after_the_cell_completed_is_ignored() -> None:
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    with runner.cell() as cell:
+        assert isinstance(cell.run(lambda: exec("x = 2", ns)), ml.Ok)
+        cell.complete()
+        runner.interrupt()  # late: the value may already be shown
+    assert not cell.outcome.interrupted and cell.outcome.rollback is None and ns["x"] == 2
+
+
+def test_a_token_set_between_tasks_with_no_task_after_is_not_an_interrupt() -> None:
+    # A cell is interrupted iff one of its tasks is: the token alone, set
+    # when no task of the cell follows, interrupts nothing.
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    with runner.cell() as cell:
+        assert isinstance(cell.run(lambda: exec("x = 2", ns)), ml.Ok)
+        runner.interrupt()
+    assert not cell.outcome.interrupted and ns["x"] == 2
+    with runner.cell() as cell:
+        runner.interrupt()
+        assert isinstance(cell.run(lambda: exec("x = 3", ns)), ml.Error)
+    assert cell.outcome.interrupted and ns["x"] == 2
+
+
+def test_tasks_after_completion_are_limited_but_never_roll_the_cell_back() -> None:
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    with runner.cell() as cell:
+        assert isinstance(cell.run(lambda: exec("x = 2", ns)), ml.Ok)
+        cell.complete()
+        threading.Timer(0.1, runner.interrupt).start()
+        hook = cell.run(lambda: exec("while True: pass", ns))
+        assert isinstance(hook, ml.Error) and isinstance(hook.exc, ml.Interrupted)
+    outcome = cell.outcome
+    assert not outcome.interrupted and outcome.rollback is None and ns["x"] == 2
+    assert outcome.interrupted_after_completion

@@ -144,9 +144,11 @@ def test_user_expressions_run_under_the_cell_limits(kernel: Kernel) -> None:
     exprs = r.content["user_expressions"]
     assert exprs["a"]["status"] == "ok" and exprs["a"]["data"]["text/plain"] == "2"
     assert exprs["b"]["status"] == "error" and exprs["b"]["ename"] == "ZeroDivisionError"
+    # An expression that reaches the cell's limit: see
+    # test_kernel_bookkeeping.py (it runs after the cell completed).
     r = kernel.run(
-        "%%limits allocations=1MB\nue = 2",
-        user_expressions={"big": "[str(i) for i in range(10**6)]"},
+        "%%limits allocations=1MB\nue = [str(i) for i in range(10**6)]",
+        user_expressions={"never": "ue"},
     )
     assert r.status == "error" and r.content["ename"] == "AllocationLimitExceeded"
     assert r.content["user_expressions"] == {}
