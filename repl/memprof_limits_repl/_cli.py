@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 import memprof_limits as ml
+from memprof_limits._cells import parse_size
 
 from ._errors import EXIT_USAGE
 from ._run import RUN_USAGE, RunUsageError, _HelpRequested, parse_run_args, run
@@ -47,8 +48,8 @@ def _size(text: str) -> int | None:
     if text.strip().lower() in ("off", "none"):
         return None
     try:
-        return ml.parse_bytes(text)
-    except (TypeError, ValueError) as e:
+        return parse_size(text, "size")  # a ValueError whatever failed
+    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 

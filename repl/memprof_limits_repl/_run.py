@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import memprof_limits as ml
+from memprof_limits._cells import parse_size
 
 from ._errors import (
     EXIT_EXCEPTION,
@@ -100,8 +101,8 @@ def _size(option: str, value: str) -> int | None:
     if value.strip().lower() in ("off", "none"):
         return None
     try:
-        return ml.parse_bytes(value, what=option)
-    except (TypeError, ValueError) as e:
+        return parse_size(value, option)  # a ValueError whatever failed
+    except ValueError as e:
         raise RunUsageError(str(e)) from None
 
 
@@ -213,7 +214,10 @@ def run(options: RunOptions) -> int:
     with ml.sigint_sets(_interrupt_running(runner)):
         try:
             with runner.cell() as cell:
-                cell.run(task)
+                try:
+                    cell.run(task)
+                finally:
+                    cell.complete()  # a late Ctrl+C does not turn a finished script into 130
         except SystemExit as e:
             status = system_exit_status(e)
         except BaseException as e:

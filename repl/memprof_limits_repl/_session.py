@@ -47,6 +47,18 @@ Known failure cases
 - A cell's threads keep running after the cell is interrupted (threads
   started by a task are not limited by it), and their writes to the
   namespace are rolled back only if they happen before the rollback.
+
+Where a cell ends, and bookkeeping failures (issue 12)
+-----------------------------------------------------
+The cell's task runs its statements and *formats* the value of a final
+expression (``repr``: user code, limited); when it returns, the cell is
+complete (``Cell.complete()``) and the value is printed outside the task.
+A Ctrl+C that arrives while it is printed (or later) rolls nothing back, as
+in the kernel.  Failures of the runner's own bookkeeping (a ``Guarded``
+whose ``__snapshot__`` or ``__restore__`` raises, an unprintable namespace
+key) are printed on stderr after the cell, or in its interrupt line; a bad
+``%limits`` size, or any failure of a ``%`` command, is an error message and
+the session goes on.
 """
 
 from __future__ import annotations
@@ -63,6 +75,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
 import memprof_limits as ml
+from memprof_limits._rollback import describe_exception, display_name
 
 from ._errors import (
     EXIT_EXCEPTION,
@@ -194,8 +207,8 @@ class Session:
                 return self._command_error(f"unknown cell command %%{name}; try %help")
             try:
                 limits = ml.CellLimits.parse(spec, self.runner.limits)
-            except ValueError as e:
-                return self._command_error(f"%%limits: {e}")
+            except Exception as e:  # ValueError; anything else is reported the same
+                return self._command_error(f"%%limits: {display_name(e)}")
         elif stripped.startswith("%"):
             return self._run_command(stripped)
         text = textwrap.dedent(text)
@@ -221,22 +234,45 @@ class Session:
                 if self._sigint_before_cell:
                     self._sigint_before_cell = False
                     cell.token.set()
-                cell.run(lambda: self._execute(compiled))
+                try:
+                    result = cell.run(lambda: self._execute(compiled))
+                finally:
+                    cell.complete()  # the user's code has ended (no effect if interrupted)
+                if isinstance(result, ml.Ok) and result.value is not None:
+                    print(result.value)  # outside the task: the cell is complete
         except SystemExit:
             raise
         except BaseException as e:
             sys.stdout.flush()
             print_user_exception(e)
+            self._print_failures(self.runner.last)
             return CellReport("error", self.runner.last, e)
         outcome = cell.outcome
         if outcome.interrupted:
             sys.stdout.flush()
             print_interrupt(outcome)
             return CellReport("interrupted", outcome, outcome.exception)
+        self._print_failures(outcome)
         return CellReport("ok", outcome)
 
-    def _execute(self, compiled: CompiledCell) -> None:
-        """The cell's task: run the statements, show the final expression."""
+    @staticmethod
+    def _print_failures(outcome: ml.CellOutcome | None) -> None:
+        """After a cell that was not interrupted: what the runner's
+        bookkeeping could not do (an interrupted cell says it in its line)."""
+        if outcome is None or outcome.interrupted:
+            return
+        sys.stdout.flush()
+        for failure in outcome.failures:
+            note = (
+                " (this value is not rolled back if the cell is interrupted)"
+                if failure.stage == "checkpoint"
+                else ""
+            )
+            print(f"memprof-limits: {failure.describe()}{note}", file=sys.stderr, flush=True)
+
+    def _execute(self, compiled: CompiledCell) -> str | None:
+        """The cell's task: run the statements, format the final expression
+        (its ``repr`` is user code: limited); the caller prints it."""
         namespace = self.namespace
         if compiled.body is not None:
             exec(compiled.body, namespace)
@@ -244,7 +280,8 @@ class Session:
             value = eval(compiled.last_expression, namespace)
             if compiled.display and value is not None:
                 namespace["_"] = value
-                print(repr(value))
+                return repr(value)
+        return None
 
     # -- SIGINT ----------------------------------------------------------------
 
@@ -353,6 +390,8 @@ class Session:
             status = command(arg.strip())
         except SystemExit:
             raise
+        except Exception as e:  # a command's failure never ends the session
+            return self._command_error(f"%{name.strip()}: {describe_exception(e)}")
         return CellReport(status)
 
     def _command_error(self, message: str) -> CellReport:
@@ -368,8 +407,8 @@ class Session:
         if arg:
             try:
                 self.runner.limits = ml.CellLimits.parse(arg, self.runner.limits)
-            except ValueError as e:
-                print(f"%limits: {e}", file=sys.stderr)
+            except Exception as e:  # ValueError; anything else is reported the same
+                print(f"%limits: {display_name(e)}", file=sys.stderr)
                 return "error"
         print(self.describe_limits())
         return "command"

@@ -61,7 +61,7 @@ from ._scope import (
 from ._token import Token
 from ._units import format_bytes, parse_bytes
 
-__all__ = ["BookkeepingFailure", "Cell", "CellLimits", "CellOutcome", "CellRunner"]
+__all__ = ["BookkeepingFailure", "Cell", "CellLimits", "CellOutcome", "CellRunner", "parse_size"]
 
 T = TypeVar("T")
 
@@ -71,10 +71,16 @@ _LIMITS_HELP = (
 )
 
 
-def _parse_size(value: object, what: str) -> int:
-    """``parse_bytes``, whose every failure is a ``ValueError`` (it may raise
-    ``OverflowError`` or another type for an absurd size: callers catch
-    ``ValueError`` at their boundary and must not depend on which)."""
+def parse_size(value: object, what: str) -> int:
+    """``parse_bytes``, whose every failure on a string is a ``ValueError``
+    (it may raise ``OverflowError`` or another type for an absurd size:
+    callers catch ``ValueError`` at their boundary and must not depend on
+    which).  The front ends' command lines use it too.
+
+    >>> parse_size("1e308TB", "--allocations")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: ...
+    """
     try:
         return parse_bytes(value, what=what)  # type: ignore[arg-type]
     except ValueError:
@@ -134,7 +140,7 @@ class CellLimits:
         for name in ("memory", "allocations"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, _parse_size(value, f"{name} limit"))
+                object.__setattr__(self, name, parse_size(value, f"{name} limit"))
 
     @classmethod
     def parse(cls, spec: str, base: CellLimits | None = None) -> CellLimits:
@@ -156,11 +162,9 @@ class CellLimits:
             field_name = "memory" if key.startswith("mem") else "allocations"
             off = value.strip().lower() in ("off", "none")
             try:
-                amount = None if off else _parse_size(value.strip(), field_name)
+                amount = None if off else parse_size(value.strip(), field_name)
             except ValueError as e:
-                raise ValueError(
-                    f"limits: cannot read {_clip(item)!r}: {_clip(str(e), 200)}; {_LIMITS_HELP}"
-                ) from None
+                raise ValueError(f"limits: {_clip(str(e), 300)}") from None
             limits = replace(limits, **{field_name: amount})
         return limits
 
