@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
-
-def _fix_hash_seed() -> None:
-    """Re-execute with ``PYTHONHASHSEED=0`` unless it is set.
-
-    String hashes decide the iteration order of sets and dicts of strings, so
-    with hash randomisation the same cell can take another path -- and
-    allocate another number of bytes -- in each kernel.  The kernelspec sets
-    the variable; this covers a kernel started by hand.  Set
-    ``PYTHONHASHSEED=random`` to opt out.
-    """
-    if "PYTHONHASHSEED" in os.environ or not sys.flags.hash_randomization:
-        return
-    os.environ["PYTHONHASHSEED"] = "0"
-    argv = list(getattr(sys, "orig_argv", []) or [sys.executable, "-m", "memprof_limits_kernel"])
-    argv[0] = sys.executable
-    os.execv(sys.executable, argv)
+from memprof_limits._process import pin_hash_seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
         from .install import main as install_main
 
         return install_main(args[1:])
-    _fix_hash_seed()
+    # Seed 0 for this process only (reproducible counts); cells and their
+    # children see PYTHONHASHSEED as the environment had it.
+    pin_hash_seed()
     from .kernelapp import MemprofLimitsKernelApp
 
     MemprofLimitsKernelApp.launch_instance(argv=args)

@@ -11,9 +11,11 @@ Two decisions live in the spec:
   the control channel, which the kernel turns into the running cell's token.
   ``--interrupt-mode signal`` makes clients send SIGINT instead, which the
   kernel maps to the same token.
-- ``PYTHONHASHSEED=0``: string hashing is fixed, so that a cell allocates the
-  same number of bytes in every fresh kernel (set ``--env PYTHONHASHSEED
-  random`` to opt out).
+- No ``PYTHONHASHSEED`` in ``env``: the kernel pins its own hash seed to 0
+  (``memprof_limits._process.pin_hash_seed``: a cell allocates the same
+  number of bytes in every fresh kernel) without exporting it, so that the
+  processes a notebook starts keep hash randomisation; ``--env
+  PYTHONHASHSEED random`` opts the kernel out.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def kernel_spec(
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": interrupt_mode,
-        "env": {"PYTHONHASHSEED": "0", **(env or {})},
+        "env": dict(env or {}),
         "metadata": {"debugger": False},
         "kernel_protocol_version": "5.5",
     }

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import memprof_limits as ml
 from memprof_limits._cells import parse_size
+from memprof_limits._process import pin_hash_seed
 
 from ._errors import EXIT_USAGE
 from ._run import RUN_USAGE, RunUsageError, _HelpRequested, parse_run_args, run
@@ -97,34 +98,19 @@ def _banner(session: Session) -> str:
     )
 
 
-def _fix_hash_seed() -> None:
-    """Re-execute with ``PYTHONHASHSEED=0`` unless it is set (as the kernel
-    does): string hashes decide the order of sets and dicts of strings, so
-    with hash randomisation the same code can allocate another number of
-    bytes in each process.  ``PYTHONHASHSEED=random`` opts out."""
-    if "PYTHONHASHSEED" in os.environ or not sys.flags.hash_randomization:
-        return
-    argv = list(getattr(sys, "orig_argv", None) or [])
-    if not argv:
-        return
-    os.environ["PYTHONHASHSEED"] = "0"
-    argv[0] = sys.executable
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``memprof-limits`` (and ``python -m memprof_limits_repl``).
 
-    Called with no arguments (from the command line), it first re-executes
-    the process with ``PYTHONHASHSEED=0`` unless the variable is set, so that
-    allocation counts are the same in every run (as the kernel does).
+    Called with no arguments (from the command line), it first pins the
+    process's hash seed to 0 unless ``PYTHONHASHSEED`` is set, so that
+    allocation counts are the same in every run (as the kernel does), without
+    exporting it: the code run and its child processes see the variable as
+    the user's environment had it (``memprof_limits._process``).
 
     Returns the exit status: see ``docs/repl.md`` (0 ok, 1 exception,
     2 usage, 3 allocation limit, 4 memory limit, 130 interrupted)."""
     if argv is None:
-        _fix_hash_seed()
+        pin_hash_seed()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "run":
         try:

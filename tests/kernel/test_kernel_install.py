@@ -25,7 +25,7 @@ def test_shipped_spec_is_the_generated_one() -> None:
     assert shipped == kernel_spec()
     assert shipped["argv"][:3] == ["python", "-m", "memprof_limits_kernel"]
     assert shipped["interrupt_mode"] == "message"
-    assert shipped["env"] == {"PYTHONHASHSEED": "0"}
+    assert shipped["env"] == {}  # no PYTHONHASHSEED: children would inherit it
     for name in RESOURCE_FILES:
         assert (SHIPPED / name).read_bytes()
 
@@ -78,7 +78,6 @@ def test_install_options(tmp_path: Path) -> None:
     spec = _spec(tmp_path, "ml-sig")
     assert spec["display_name"] == "Limited" and spec["interrupt_mode"] == "signal"
     assert spec["env"] == {
-        "PYTHONHASHSEED": "0",
         "FOO": "bar",
         "MEMPROF_LIMITS": "memory=4GiB allocations=1GB",
         "MEMPROF_LIMITS_REPORT": "1",
@@ -112,18 +111,20 @@ def test_module_entry_point_installs(tmp_path: Path) -> None:
     assert _spec(tmp_path)["argv"][0] == sys.executable
 
 
-def test_launcher_fixes_the_hash_seed() -> None:
-    """A kernel started without the spec's environment re-executes itself
-    with PYTHONHASHSEED=0; an explicit setting is kept."""
+def test_launcher_pins_the_hash_seed_without_exporting_it() -> None:
+    """A kernel re-executes itself with hash seed 0 and gives the cells the
+    environment it was started with; an explicit setting is kept."""
     code = (
         "import os, sys\n"
-        "from memprof_limits_kernel.__main__ import _fix_hash_seed\n"
-        "_fix_hash_seed()\n"
-        "print(os.environ['PYTHONHASHSEED'], sys.flags.hash_randomization)"
+        "from memprof_limits_kernel.__main__ import main\n"
+        "import memprof_limits_kernel.kernelapp as app\n"
+        "app.MemprofLimitsKernelApp.launch_instance = lambda argv: None\n"
+        "main([])\n"
+        "print(os.environ.get('PYTHONHASHSEED'), sys.flags.hash_randomization)"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.split() == ["0", "0"], out.stderr
+    assert out.stdout.split() == ["None", "0"], out.stderr
     env["PYTHONHASHSEED"] = "random"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["random", "1"], out.stderr

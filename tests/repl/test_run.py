@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -154,14 +155,15 @@ def test_report_gives_the_same_allocation_count_every_run(
 
 
 def test_hash_seed_is_pinned_unless_set(script: Path, repl_env: dict[str, str]) -> None:
-    """As the kernel does: PYTHONHASHSEED=0 (re-exec) for reproducible counts;
-    a value already set (random, say) is kept."""
-    code = "import os, sys; print(sys.flags.hash_randomization, os.environ['PYTHONHASHSEED'])"
+    """As the kernel does: hash seed 0 (re-exec) for reproducible counts,
+    without exporting it (see below); a value already set (random, say) is
+    kept."""
+    code = "import os, sys; print(sys.flags.hash_randomization, os.environ.get('PYTHONHASHSEED'))"
     env = {k: v for k, v in repl_env.items() if k != "PYTHONHASHSEED"}
-    assert run_cli(["-c", code], env).stdout == "0 0\n"
+    assert run_cli(["-c", code], env).stdout == "0 None\n"
     assert run_cli(["-c", code], {**env, "PYTHONHASHSEED": "random"}).stdout == "1 random\n"
     (script.parent / "hash.py").write_text(code)
-    assert run_cli(["run", str(script.parent / "hash.py")], env).stdout == "0 0\n"
+    assert run_cli(["run", str(script.parent / "hash.py")], env).stdout == "0 None\n"
 
 
 def test_run_a_module_with_dash_m(tmp_path: Path, repl_env: dict[str, str]) -> None:
@@ -257,3 +259,40 @@ def test_cells_from_a_pipe(repl_env: dict[str, str]) -> None:
 def test_sys_exit_in_a_pipe_gives_the_exit_status(repl_env: dict[str, str]) -> None:
     proc = run_cli([], repl_env, stdin="print('a')\nimport sys; sys.exit(5)\nprint('b')\n")
     assert (proc.returncode, proc.stdout) == (5, "a\n")
+
+
+HASH_PROBE = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.run([sys.executable, '-c', 'import os, sys; "
+    'print(sys.flags.hash_randomization, repr(os.environ.get("PYTHONHASHSEED")))\'],'
+    " capture_output=True, text=True, check=True).stdout.split()\n"
+    "print(repr(os.environ.get('PYTHONHASHSEED')), sys.flags.hash_randomization,"
+    " hash('memprof-limits'), *child, [k for k in os.environ if 'SAVED' in k])\n"
+)
+
+
+@pytest.mark.parametrize("mode", ["-c", "stdin", "run"])
+def test_the_hash_seed_is_not_exported_to_children(
+    tmp_path: Path, repl_env: dict[str, str], mode: str
+) -> None:
+    """Issue 12, item 13: our process has seed 0; the code it runs, and the
+    processes that code starts, see PYTHONHASHSEED as the user had it."""
+    env = {k: v for k, v in repl_env.items() if k != "PYTHONHASHSEED"}
+    seed0 = subprocess.run(
+        [sys.executable, "-c", "print(hash('memprof-limits'))"],
+        env={**env, "PYTHONHASHSEED": "0"}, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    probe = tmp_path / "probe.py"
+    probe.write_text(HASH_PROBE)
+    args = {"-c": ["-c", HASH_PROBE], "stdin": [], "run": ["run", str(probe)]}[mode]
+    for seed in (None, "123"):
+        run_env = env if seed is None else {**env, "PYTHONHASHSEED": seed}
+        proc = run_cli(args, run_env, stdin=HASH_PROBE if mode == "stdin" else None)
+        assert proc.returncode == 0, proc.stderr
+        seen, flag, digest, child_flag, child_seed, leaked = proc.stdout.split(maxsplit=5)
+        assert seen == child_seed == repr(seed), proc.stdout
+        assert leaked.strip() == "[]"
+        if seed is None:
+            assert (flag, digest, child_flag) == ("0", seed0, "1"), proc.stdout
+        else:
+            assert flag == child_flag == "1", proc.stdout
