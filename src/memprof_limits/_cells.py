@@ -448,7 +448,7 @@ class CellRunner:
         for guard in guards:
             try:
                 checkpoints.append((guard, guard.checkpoint()))
-            except Exception as e:
+            except BaseException as e:  # user code: SystemExit, KeyboardInterrupt too
                 error = f"{guard.snapshot_method()} raised {describe_exception(e)}"
                 outcome.failures.append(
                     BookkeepingFailure("checkpoint", self._culprit(guard), error)
@@ -464,7 +464,7 @@ class CellRunner:
         for guard, checkpoint in checkpoints:
             try:
                 part = guard.rollback(checkpoint)
-            except Exception as e:
+            except BaseException as e:  # user code: SystemExit, KeyboardInterrupt too
                 error = f"{guard.restore_method(checkpoint)} raised {describe_exception(e)}"
                 outcome.failures.append(BookkeepingFailure("rollback", self._culprit(guard), error))
                 continue

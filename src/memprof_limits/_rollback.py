@@ -38,7 +38,7 @@ def display_name(obj: object) -> str:
         return str.__str__(obj)
     try:
         text = str(obj)
-    except Exception:
+    except BaseException:  # a hostile __str__ may raise anything (SystemExit...)
         return f"<unprintable {type(obj).__name__}>"
     if not isinstance(text, str):  # pragma: no cover - str() checks this itself
         return f"<unprintable {type(obj).__name__}>"
@@ -227,7 +227,7 @@ class Guarded(Generic[T]):
                 if key in old or exclude(key):
                     continue
                 del current[key]
-            except Exception as e:
+            except BaseException as e:  # a key's __eq__ may raise anything
                 failed.append(f"key {display_name(key)} ({describe_exception(e)})")
                 continue
             added.append(display_name(key))
@@ -237,7 +237,7 @@ class Guarded(Generic[T]):
                 if now is value or exclude(key):  # identity first: exclude() only on changes
                     continue
                 current[key] = value
-            except Exception as e:
+            except BaseException as e:  # a key's __eq__ may raise anything
                 failed.append(f"key {display_name(key)} ({describe_exception(e)})")
                 continue
             (removed if now is _MISSING else changed).append(display_name(key))

@@ -166,7 +166,8 @@ def test_limits_parse_does_not_depend_on_the_exception_type(
         raise exc
 
     monkeypatch.setattr(_cells, "parse_bytes", broken)
-    with pytest.raises(ValueError, match=r"limits: allocations: cannot read '1MB' as a size .*expected"):
+    expected = r"limits: allocations: cannot read '1MB' as a size .*expected"
+    with pytest.raises(ValueError, match=expected):
         ml.CellLimits.parse("allocations=1MB")
     with pytest.raises(ValueError, match="memory limit"):
         ml.CellLimits(memory="1MB")  # type: ignore[arg-type]
@@ -293,3 +294,33 @@ def test_tasks_after_completion_are_limited_but_never_roll_the_cell_back() -> No
     outcome = cell.outcome
     assert not outcome.interrupted and outcome.rollback is None and ns["x"] == 2
     assert outcome.interrupted_after_completion
+
+
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_a_restore_raising_a_base_exception_is_a_reported_failure(
+    exc: type[BaseException],
+) -> None:
+    import gc
+
+    class Restore:
+        fail_snapshot = False
+
+        def __snapshot__(self) -> None:
+            if self.fail_snapshot:
+                raise exc
+
+        def __restore__(self, state: None) -> None:
+            raise exc
+
+    gc.collect()  # guards of earlier tests
+    bad = ml.Guarded(Restore(), name="bad")
+    outcome = _interrupted_cell(ml.CellRunner({}), "while True: pass", {})
+    assert [f.stage for f in outcome.failures] == ["rollback"]
+    assert f"__restore__ raised {exc.__name__}" in outcome.failures[0].describe()
+    Restore.fail_snapshot = True
+    with ml.CellRunner({}).cell() as cell:
+        cell.run(lambda: None)
+    assert [f.describe() for f in cell.outcome.failures] == [
+        f"checkpoint: Guarded 'bad': __snapshot__ raised {exc.__name__}"
+    ]
+    del bad
