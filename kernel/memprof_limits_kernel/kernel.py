@@ -45,9 +45,11 @@ The solution
   failure of its bookkeeping escape (``CellOutcome.failures``: shown on
   stderr after a completed cell, in the ``evalue`` of an interrupted one);
   here, whatever of our own code around ``IPythonKernel.do_execute`` still
-  raises (setting the cell up, formatting the reply or the metadata)
-  becomes an error reply naming the step (``BookkeepingError: report:
-  RuntimeError: ...``), and the session goes on.  Bad default limits
+  raises becomes an error reply naming the step (``BookkeepingError:
+  report: RuntimeError: ...``) when it happens after the cell, and the
+  session goes on; if setting the cell up fails, the cell runs as stock
+  IPython runs it (no limits, no rollback) after a line on stderr that says
+  so -- refusing it would refuse every later cell too.  Bad default limits
   (``MEMPROF_LIMITS``) are reported on stderr with the first cell; the kernel
   starts without limits.
 - Every ``Session.send`` runs masked: a multipart ZMQ message is never cut.
@@ -344,9 +346,25 @@ class MemprofLimitsKernel(IPythonKernel):
             print(warning, file=sys.stderr, flush=True)
         try:
             cell, stack = self._enter_cell(code)
-        except Exception as e:
+        except Exception as e:  # a bug: run the cell as stock IPython does, and say so
             self._cell = shell.current_cell = None
-            return self._failure_reply("cell setup", e, None)
+            problem = f"cell setup: {describe_exception(e)}"
+            self.log.error("memprof-limits: %s", problem, exc_info=e)
+            print(
+                f"memprof-limits: {problem}; this cell runs without limits or rollback",
+                file=sys.stderr,
+                flush=True,
+            )
+            self._reply_metadata = {"error": problem}
+            return await super().do_execute(  # type: ignore[no-any-return]
+                code,
+                silent,
+                store_history,
+                user_expressions,
+                allow_stdin,
+                cell_meta=cell_meta,
+                cell_id=cell_id,
+            )
         try:
             reply: dict[str, Any] = await super().do_execute(
                 code,

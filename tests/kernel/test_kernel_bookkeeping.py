@@ -155,6 +155,22 @@ def test_a_broken_report_still_replies_and_names_the_culprit(kernel: Kernel) -> 
     alive(kernel)
 
 
+def test_a_broken_cell_setup_runs_the_cell_unprotected_and_says_so(kernel: Kernel) -> None:
+    """If opening the cell fails (a bug), refusing would refuse every later
+    cell too: the cell runs as in stock IPython, after a line that says so."""
+    kernel.ok("ip = get_ipython()\ndef broken(limits=None):\n    raise RuntimeError('setup bug')")
+    kernel.ok("ip.kernel.runner.cell = broken")
+    r = kernel.run("after = 5\nafter", timeout=REPLY_TIMEOUT_S)
+    assert r.status == "ok" and r.result == "5", r.content
+    problem = "cell setup: RuntimeError: setup bug"
+    assert f"memprof-limits: {problem}; this cell runs without limits" in r.stderr, r.outputs
+    assert r.msg["metadata"]["memprof_limits"] == {"error": problem}
+    r = kernel.run("del ip.kernel.runner.cell", timeout=REPLY_TIMEOUT_S)
+    assert r.status == "ok", r.content
+    assert kernel.ok("after").figures["interrupted"] is False
+    alive(kernel)
+
+
 def test_absurd_default_limits_do_not_stop_the_kernel() -> None:
     for spec in ["allocations=1e308TB", "memory=lots"]:
         k = Kernel(MESSAGE, env={**os.environ, "MEMPROF_LIMITS": spec})
