@@ -312,7 +312,12 @@ class MemprofLimitsShell(ZMQInteractiveShell):
         if runner is not _asyncio_runner and runner is not _pseudo_sync_runner:
             value = proposal.value
             name = value if isinstance(value, str) else _callable_name(runner)
-            raise UsageError(OTHER_LOOPS_REFUSED.format(runner=name))
+            message = OTHER_LOOPS_REFUSED.format(runner=name)
+            if "current_cell" not in self.__dict__:  # configuration, at start: keep starting
+                print(f"memprof-limits: {message}; using asyncio", file=sys.stderr)
+                self.autoawait = True
+                return _asyncio_runner
+            raise UsageError(message)
         return runner
 
     # -- %%limits, transformers ----------------------------------------------------

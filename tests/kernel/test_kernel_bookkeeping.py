@@ -15,6 +15,7 @@ import os
 import queue
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kernel_helpers import MESSAGE, Kernel
@@ -337,3 +338,21 @@ def test_other_event_loops_are_refused_clearly(kernel: Kernel, runner: str) -> N
     assert kernel.ok("import asyncio\nawait asyncio.sleep(0)\n'still asyncio'").result == (
         "'still asyncio'"
     )
+
+
+def test_another_event_loop_in_the_configuration_does_not_stop_the_kernel(
+    tmp_path: Path,
+) -> None:
+    profile = tmp_path / "profile_default"
+    profile.mkdir()
+    (profile / "memprof_limits_kernel_config.py").write_text(
+        "c.InteractiveShell.loop_runner = 'trio'\n"
+        "c.MemprofLimitsKernel.default_limits = 'allocations=5MB'\n"
+    )
+    k = Kernel(MESSAGE, env={**os.environ, "IPYTHONDIR": str(tmp_path)})
+    try:
+        assert "allocations=4.8 MiB" in k.ok("%limits").stdout  # the file was read
+        assert "set to use `asyncio`" in k.ok("%autoawait").stdout
+        assert k.ok("import asyncio\nawait asyncio.sleep(0)\n1").result == "1"
+    finally:
+        k.close()
