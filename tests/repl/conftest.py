@@ -26,8 +26,6 @@ def repl_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-
-
 @pytest.fixture
 def spawn(repl_env: dict[str, str], tmp_path: Path) -> Iterator[Spawn]:
     """``spawn(*args, env=None)``: a REPL child in a pty (closed at the end)."""
