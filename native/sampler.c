@@ -132,6 +132,7 @@ static long g_page_size = 4096;
 static int64_t g_peak_rss;                /* atomic max */
 static volatile int g_track_rss;          /* read RSS at samples even with no limit */
 static int64_t g_over_rss;                /* atomic: RSS read when a limit was last found exceeded */
+static int64_t g_over_block;              /* atomic: the big block counted in with it, or 0 */
 static int64_t g_rss_reads;               /* atomic */
 
 /* Exception classes and Python callables: see internal.h.  Set once with
@@ -422,7 +423,8 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
         int64_t rss = read_rss();
         int64_t would_be = big ? rss + n : rss;
         if (watched && would_be > limit) {
-            __atomic_store_n(&g_over_rss, would_be, __ATOMIC_RELAXED);
+            __atomic_store_n(&g_over_rss, rss, __ATOMIC_RELAXED);
+            __atomic_store_n(&g_over_block, big ? n : 0, __ATOMIC_RELAXED);
             __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
         }
     }
@@ -902,6 +904,7 @@ int64_t ml_peak_rss(void) { return __atomic_load_n(&g_peak_rss, __ATOMIC_RELAXED
 void ml_reset_peak_rss(void) { __atomic_store_n(&g_peak_rss, 0, __ATOMIC_RELAXED); }
 void ml_set_track_rss(int on) { g_track_rss = on; }
 int64_t ml_over_rss(void) { return __atomic_load_n(&g_over_rss, __ATOMIC_RELAXED); }
+int64_t ml_over_block(void) { return __atomic_load_n(&g_over_block, __ATOMIC_RELAXED); }
 int64_t ml_rss_reads(void) { return __atomic_load_n(&g_rss_reads, __ATOMIC_RELAXED); }
 
 void ml_record_samples(int64_t *buf, int64_t n)

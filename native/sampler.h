@@ -96,8 +96,12 @@ int64_t ml_peak_rss(void);          /* highest RSS read since ml_reset_peak_rss 
 void ml_reset_peak_rss(void);
 /* Read the RSS at samples (for ml_peak_rss) even when no limit needs it. */
 void ml_set_track_rss(int on);
-/* The RSS read when the global limit was last found exceeded (bytes). */
+/* The RSS read when the global limit was last found exceeded (bytes), and
+ * the size of the block being allocated that was counted in with it (a block
+ * of 1 MiB or more is checked before its pages are touched: RSS + block over
+ * the limit), or 0. */
 int64_t ml_over_rss(void);
+int64_t ml_over_block(void);
 int64_t ml_rss_reads(void);
 
 /* Sampler test support: records the byte positions of the current thread's

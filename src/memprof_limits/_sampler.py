@@ -79,6 +79,7 @@ _c_peak_rss = _fn("ml_peak_rss", _i64)
 _c_reset_peak_rss = _fn("ml_reset_peak_rss", None)
 _c_set_track_rss = _fn("ml_set_track_rss", None, ctypes.c_int)
 _c_over_rss = _fn("ml_over_rss", _i64)
+_c_over_block = _fn("ml_over_block", _i64)
 _c_numpy_patched = _fn("ml_numpy_patched", ctypes.c_int)
 _c_record_samples = _fn("ml_record_samples", None, _vp, _i64)
 _c_recorded_samples = _fn("ml_recorded_samples", _i64)
@@ -360,6 +361,12 @@ def reset_peak_rss() -> None:
 def over_limit_rss_bytes() -> int:
     """The RSS read when the global limit was last found exceeded."""
     return int(_c_over_rss())
+
+
+def over_limit_block_bytes() -> int:
+    """The block being allocated counted in with that RSS (0 if none): blocks of
+    1 MiB or more are checked before their pages are touched."""
+    return int(_c_over_block())
 
 
 def set_track_rss(on: bool) -> None:

@@ -36,8 +36,9 @@ def test_memory_limit_interrupts_and_the_kernel_survives(kernel: Kernel) -> None
     assert "freed " in evalue, evalue
     f = r.figures
     assert f["reason"] == "memory" and f["limits"]["memory"] == limit
-    # Interrupted near the limit, not at 4x it.
-    assert limit < f["peak_rss_bytes"] < limit + 100 * 2**20, f
+    # Interrupted near the limit, not at 4x it.  A block of 1 MiB or more is checked before
+    # its pages are touched (RSS + block over the limit): the peak may stay just below it.
+    assert limit - 2 * 2**20 < f["peak_rss_bytes"] < limit + 100 * 2**20, f
     assert f["freed_bytes"] > 100 * 2**20, f
     # The kernel answers, with its state, and the memory is back.
     assert kernel.value("state") == "'kept'"

@@ -89,11 +89,15 @@ def test_memory_limit_exits_4_with_a_reason(script: Path, repl_env: dict[str, st
     proc = run_cli(["run", "--memory", "300MiB", str(script), "memory"], repl_env)
     assert proc.returncode == EXIT_MEMORY == 4
     assert "finally ran" in proc.stdout and "done" not in proc.stdout
-    assert re.fullmatch(
+    match = re.fullmatch(
         r"memprof-limits: .*script\.py stopped after [0-9.]+ s: global memory limit of "
-        r"300\.0 MiB exceeded \(peak resident memory 3\d\d\.\d MiB\)",
+        r"300\.0 MiB exceeded \(peak resident memory (\d+\.\d) MiB\)",
         one_line_reason(proc.stderr),
-    ), proc.stderr
+    )
+    assert match, proc.stderr
+    # Blocks of 1 MiB or more are checked before their pages are touched (RSS + block over
+    # the limit): the peak may stay just below the limit, never far from it.
+    assert 298 <= float(match.group(1)) < 400, proc.stderr
 
 
 def test_sigint_exits_130_with_a_reason(script: Path, repl_env: dict[str, str]) -> None:
