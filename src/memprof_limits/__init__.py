@@ -10,6 +10,7 @@ See README.md for a tour and docs/ for the design.
 
 from __future__ import annotations
 
+from ._async import limit_async as limit_async
 from ._cells import Cell as Cell
 from ._cells import CellLimits as CellLimits
 from ._cells import CellOutcome as CellOutcome
@@ -69,6 +70,7 @@ __all__ = [
     "is_interrupted",
     "is_started",
     "limit_allocations",
+    "limit_async",
     "limit_global_memory",
     "limit_with_token",
     "masked",

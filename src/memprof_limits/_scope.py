@@ -6,7 +6,7 @@ A task runs under limits; when one is reached it must be interrupted, and
 the caller must learn -- exactly -- whether *this* call's limit was the
 cause, whatever the task did with the interrupt (caught it, returned, raised
 something else).  Limits nest, and the library's own bookkeeping must never
-be interrupted half-way.
+be interrupted half-way, nor left half-done by a failure inside it.
 
 What does not work, and why
 ---------------------------
@@ -16,23 +16,54 @@ What does not work, and why
 - ``try: task() finally: cleanup()`` in Python: an interrupt armed at the
   end of the task is delivered at ``cleanup``'s first instruction, before it
   can mask anything, and the scope's state leaks.
+- Deciding a memory limit at samples only: a single big allocation
+  (``b"x" * 2**30``, ``np.ones(10**8)``) is sampled before its pages are
+  touched, when the resident memory has not grown yet, and nothing samples
+  after it: the task returned ``Ok`` and the next, innocent task was blamed.
+- A stack of scopes per *thread* for code that is suspended and resumed:
+  the scopes of two asyncio tasks held across ``await`` (or of two
+  generators held across ``yield``) interleave on one thread.  Closing
+  "the ones above us" when an outer scope closes silently dropped the other
+  task's limit (it then allocated hundreds of MB under a 1 MB limit) and
+  ended in an internal ``ValueError``.  The per-thread C state (the byte
+  count, the budget end, the tokens watched) cannot follow asyncio's task
+  switches, so a sync scope cannot limit a task across ``await``.
 
 The solution
 ------------
 - Each scope decides from its own state when it closes: an allocation limit
   is reached iff the bytes counted since the scope opened exceed it (exact);
   a token limit iff the token is set; a memory limit iff the sampler flagged
-  the global limit while the scope was the innermost watching it.  This is
-  OCaml's ``result_of_token``.
+  the global limit while the scope was the innermost watching it, or the
+  process is over the limit when the scope closes (one RSS read, ~1 us, only
+  for a memory scope while a global limit is set).  This is OCaml's
+  ``result_of_token``.
 - Opening and closing run masked, entered from C (``_sampler.bracket`` for
   the functions, ``_sampler.masked_methods`` for the context manager): there
   is no bytecode boundary between the task's end and the masked close, and
   an interrupt armed but not yet delivered is flushed at mask entry.
-- Nested allocation limits: the thread's budget end is the minimum over the
-  open scopes, so an inner scope never outlives what remains of an outer
-  one; when an inner scope closes, the pending reasons are recomputed from
-  the scopes still open, so an interrupt that is not the inner scope's
-  propagates to the scope that is the cause.
+- Opening is all-or-nothing: everything that can refuse (a scope reused, a
+  33rd token scope, a misnested scope) is checked before anything changes,
+  and a failure while changing the state (a ``RecursionError``) restores it
+  exactly.  Closing cannot stop half-way: on a failure the thread's C state
+  is recomputed from the scopes still open (``_resync``).
+- Nested allocation limits: the thread's budget end is the minimum of the
+  open scopes' own ends, so an inner scope never outlives what remains of
+  an outer one; when an inner scope closes, the pending reasons are
+  recomputed from the scopes still open, so an interrupt that is not the
+  inner scope's propagates to the scope that is the cause.
+- Misnesting is an immediate, clear ``RuntimeError`` and never corrupts the
+  bookkeeping: each scope records its owner (the running asyncio task, if
+  any); opening a scope while a scope of *another* task is open on the
+  thread (that task holds it across ``await``) raises, and so does closing
+  a scope that is not the innermost (generators closed out of order) -- it
+  then removes exactly itself, and the scopes still open keep their limits.
+  Coroutines are limited correctly by ``limit_async`` (``_async.py``), which
+  runs each step of the coroutine inside its own properly nested scope.
+- In a child created by ``os.fork`` the forking thread has a fresh state
+  (``_sampler._after_fork``); the parent's scopes stay on the old state,
+  marked ``forked``, and close there as "not reached" without touching the
+  child's C state.
 
 Known failure cases
 -------------------
@@ -41,6 +72,14 @@ Known failure cases
   raise the interrupt outside the ``with``'s exception range: ``__exit__``
   is then skipped.  The function forms are not affected (the task is called
   from C).  See ``docs/recovering.md``.
+- A sync scope held across ``await`` while the other tasks that run in the
+  meantime open no scope is not detected: it is charged their bytes, and
+  its interrupt can land in them.  Detection needs a scope operation of
+  another task (or an out-of-order close).  Event loops other than asyncio
+  (trio) are not recognised as tasks.
+- A failure of the recovery itself (a second ``RecursionError`` while
+  restoring the state) cannot be repaired; the C trampolines give the
+  bookkeeping recursion headroom so that the first one does not happen.
 """
 
 from __future__ import annotations
@@ -48,11 +87,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import _delivery, _exceptions, _sampler
 from ._exceptions import Interrupted, Reason
+from ._native import lib  # type: ignore[import-not-found,unused-ignore]
 from ._result import Error, Ok
 from ._sampler import NO_BUDGET, REASON_ALLOCATIONS, REASON_MEMORY, REASON_TOKEN
 from ._token import Token
@@ -162,6 +203,12 @@ class LimitScope:
     ``reason`` what stopped it (``"memory"``, ``"allocations"``, ``"token"``
     or ``None``).
 
+    Scopes nest like ``with`` blocks.  A scope cannot be held across
+    ``await`` or ``yield``: opening a scope while another asyncio task holds
+    one on the same thread, or closing scopes out of order (generators),
+    raises :class:`RuntimeError` at once, and the scopes still open keep
+    their limits.  Limit a coroutine with :func:`limit_async`.
+
     Args:
         memory: interrupt while the process exceeds the global memory limit
             (:func:`set_global_memory_limit`).
@@ -189,18 +236,38 @@ class LimitScope:
             raise TypeError(f"memory: expected True or False, got {memory!r}")
         if token is not None and not isinstance(token, Token):
             raise TypeError(f"token: expected a memprof_limits.Token, got {token!r}")
-        self.memory = memory
-        self.allocations = (
-            None if allocations is None else parse_bytes(allocations, what="allocation limit")
+        self._init(
+            memory,
+            None if allocations is None else parse_bytes(allocations, what="allocation limit"),
+            token,
         )
+
+    def _init(self, memory: bool, allocations: int | None, token: Token | None) -> None:
+        self.memory = memory
+        self.allocations = allocations
         self.token = token
         self.interrupted = False
         self.reason: Reason | None = None
         self.allocated_bytes: int | None = None
         self.exception: BaseException | None = None
         self._start = 0
-        self._end = NO_BUDGET
+        self._end = NO_BUDGET  # this scope's own budget end (absolute count)
         self._state: _sampler.ThreadState | None = None
+        self._owner: Any = None  # the asyncio task that opened it, if any
+        self._watching = False  # its token is registered with the thread
+        self._closed = False
+        self._misnested: str | None = None  # why closing it must raise
+        self._rss: int | None = None  # resident memory read at exit, if over
+        # (limit, bytes before) of the logical limit this scope is a part of
+        # (limit_async's step scopes), for the messages.
+        self._shown: tuple[int | None, int] | None = None
+
+    @classmethod
+    def _make(cls, memory: bool, allocations: int | None, token: Token | None) -> LimitScope:
+        """A scope from checked arguments (``limit_async`` makes one per step)."""
+        scope = cls.__new__(cls)
+        scope._init(memory, allocations, token)
+        return scope
 
     def __repr__(self) -> str:
         limits = []
@@ -215,82 +282,153 @@ class LimitScope:
     # -- masked ------------------------------------------------------------
 
     def _ml_enter(self) -> LimitScope:
+        # 1. Everything that can refuse, before anything changes.
         if self._state is not None:
             raise RuntimeError(
                 "a LimitScope can be entered only once; create a new LimitScope for each block"
             )
         _sampler.ensure_started()
-        st = self._state = _sampler.thread_state()
+        st = _sampler.thread_state()
+        owner = _current_task()
+        scopes = st.scopes
+        if scopes:
+            _check_owner(scopes, owner, self)
         ctl = st.ctl
-        if ctl.active == 0:  # nothing pending survives a task
-            st.clear_pending(REASON_MEMORY | REASON_ALLOCATIONS | REASON_TOKEN)
-        st.scopes.append(self)
-        ctl.active += 1
-        if ctl.active == 1:
+        token = self.token
+        if token is not None and ctl.n_tokens >= _MAX_TOKENS:
+            raise RuntimeError(
+                f"more than {_MAX_TOKENS} token scopes open at once in one thread; "
+                "combine tokens (a Token can be set by several parties) or nest fewer scopes"
+            )
+        if ctl.active == 0:
+            # Nothing pending survives a task.  Both are idempotent: they need
+            # no undo if what follows fails.
+            st.clear_pending(_ALL_REASONS)
             _delivery.activate(st)
-        if self.memory:
-            ctl.watch_global += 1
-        if self.token is not None:
-            self.token._watch(st)
-        # Count from here: the bookkeeping above allocates a varying amount
-        # (it wakes the watchdog), which must not make counts irreproducible.
-        self._start = now = _sampler.allocated_bytes()
-        if self.allocations is not None:
-            self._end = min(now + self.allocations, _budget_end(st.scopes[:-1]))
-            _sampler.set_budget_end(self._end)
+        # 2. Change the state; on any failure, restore it exactly.
+        n_scopes = len(scopes)
+        active = ctl.active
+        watch_global = ctl.watch_global
+        n_tokens = ctl.n_tokens
+        outer_end = _budget_end(scopes)
+        watchers: dict[int, Any] = token._watchers if token is not None else {}
+        key = id(st)
+        had_watcher = key in watchers
+        old_watcher = watchers[key] if had_watcher else None
+        try:
+            self._state = st
+            self._owner = owner
+            scopes.append(self)
+            ctl.active = active + 1
+            if self.memory:
+                ctl.watch_global = watch_global + 1
+            if token is not None:
+                token._watch(st)
+                self._watching = True
+            # Count from here: the bookkeeping above allocates a varying amount
+            # (it wakes the watchdog), which must not make counts irreproducible.
+            self._start = now = _sampler.allocated_bytes()
+            if self.allocations is not None:
+                self._end = now + self.allocations
+                _sampler.set_budget_end(min(self._end, outer_end))
+        except BaseException:
+            # Plain assignments and deletions first (no call that could fail
+            # again near the recursion limit), then the calls.
+            self._state = None
+            self._owner = None
+            self._watching = False
+            del scopes[n_scopes:]
+            ctl.active = active
+            ctl.watch_global = watch_global
+            ctl.n_tokens = n_tokens
+            if had_watcher:
+                watchers[key] = old_watcher
+            elif key in watchers:
+                del watchers[key]
+            _sampler.set_budget_end(outer_end)
+            if active == 0:
+                st.clear_pending(_ALL_REASONS)
+                _delivery.deactivate(st)
+            raise
         return self
 
     def _ml_exit(self, et: Any, ev: BaseException | None, tb: Any) -> bool:
-        now = _sampler.allocated_bytes()
         st = self._state
-        assert st is not None
+        if st is None or self._closed:
+            raise RuntimeError(
+                "LimitScope.__exit__ without a matching __enter__ (or called twice); "
+                "use a LimitScope in a with statement"
+            )
+        now = _sampler.allocated_bytes()
         self.allocated_bytes = now - self._start
-        if not st.scopes or st.scopes[-1] is not self:
-            # A generator or a coroutine closed scopes out of order; close
-            # the ones above us too rather than corrupting the thread state.
-            while st.scopes and st.scopes[-1] is not self:
-                st.scopes[-1]._close(st, now)
-        self.reason = self._reached(st, now)
-        self._close(st, now)
-        if self.reason is None:
-            return False
-        self.interrupted = True
-        self.exception = ev
-        return isinstance(ev, Interrupted)
+        forked = bool(getattr(st, "forked", False))
+        problem: str | None = None
+        reason: Reason | None = None
+        try:
+            if not forked:
+                problem = self._misnested
+                if problem is None and (not st.scopes or st.scopes[-1] is not self):
+                    problem = _out_of_order(self, st.scopes)
+                reason = self._reached(st, now)
+        finally:
+            self._close(st, now, forked)
+        self.reason = reason
+        self.interrupted = reason is not None
+        if reason is not None:
+            self.exception = ev
+        if problem is not None:
+            error = RuntimeError(problem)
+            error.__context__ = ev
+            raise error
+        return reason is not None and isinstance(ev, Interrupted)
 
     # -- helpers (masked) --------------------------------------------------
 
     def _reached(self, st: _sampler.ThreadState, now: int) -> Reason | None:
-        pending = st.pending()
-        if self.memory and pending & REASON_MEMORY:
-            st.clear_pending(REASON_MEMORY)
-            return "memory"
+        if self.memory:
+            if st.pending() & REASON_MEMORY:
+                st.clear_pending(REASON_MEMORY)
+                return "memory"
+            # A big allocation is sampled before its pages are touched: the
+            # process can be over the limit now with nothing flagged.
+            limit = _global_limit
+            if limit is not None:
+                rss = _sampler.rss_bytes()
+                if rss > limit:
+                    self._rss = rss
+                    return "memory"
         if self.allocations is not None and now - self._start > self.allocations:
             return "allocations"
         if self.token is not None and self.token.is_set():
             return "token"
         return None
 
-    def _close(self, st: _sampler.ThreadState, now: int) -> None:
-        ctl = st.ctl
-        st.scopes.remove(self)
-        if self.memory:
-            ctl.watch_global -= 1
-        if self.token is not None:
-            self.token._unwatch(st)
-        _sampler.set_budget_end(_budget_end(st.scopes))
-        ctl.active -= 1
-        if ctl.active == 0:
-            st.clear_pending(REASON_MEMORY | REASON_ALLOCATIONS | REASON_TOKEN)
-            _delivery.deactivate(st)
-            return
-        # What is still pending is what the scopes still open have reached.
-        if not any(s.allocations is not None and now - s._start > s.allocations for s in st.scopes):
-            st.clear_pending(REASON_ALLOCATIONS)
-        else:
-            st.add_pending(REASON_ALLOCATIONS)
-        if not any(s.memory for s in st.scopes):
-            st.clear_pending(REASON_MEMORY)
+    def _close(self, st: _sampler.ThreadState, now: int, forked: bool) -> None:
+        """Leave the thread's scopes; never stops half-way (see ``_resync``)."""
+        self._closed = True
+        try:
+            scopes = st.scopes
+            if scopes and scopes[-1] is self:
+                del scopes[-1]
+            else:
+                _remove(scopes, self)
+            if self._watching:
+                self._watching = False
+                assert self.token is not None
+                self.token._unwatch(st)
+            if forked:
+                # The parent's scope, in a forked child: the state it leaves is
+                # not this thread's any more (_sampler._after_fork).
+                return
+            ctl = st.ctl
+            ctl.active = len(scopes)
+            if self.memory:
+                ctl.watch_global -= 1
+            _sampler.set_budget_end(_budget_end(scopes))
+            _sync_pending(st, scopes, now)
+        except BaseException:
+            _resync(st, self, now, forked)
+            raise
 
     def _interrupt(self) -> Interrupted:
         """The library's interrupt for this scope's reason (task returned)."""
@@ -299,11 +437,116 @@ class LimitScope:
             "allocations": _exceptions.AllocationLimitExceeded,
             "token": _exceptions.Cancelled,
         }[self.reason or "token"]
+        if self._rss is not None:  # found over the limit at the end: no "afterwards"
+            return cls(_describe_scope(self))
         return cls(_describe_scope(self) + " (the task returned normally afterwards)")
+
+
+_ALL_REASONS = REASON_MEMORY | REASON_ALLOCATIONS | REASON_TOKEN
+_MAX_TOKENS = int(lib.ML_MAX_TOKENS)
 
 
 def _budget_end(scopes: list[LimitScope]) -> int:
     return min((s._end for s in scopes if s.allocations is not None), default=NO_BUDGET)
+
+
+def _remove(scopes: list[LimitScope], scope: LimitScope) -> None:
+    """Remove ``scope`` (by identity) if it is there."""
+    for i, s in enumerate(scopes):
+        if s is scope:
+            del scopes[i]
+            return
+
+
+def _sync_pending(st: _sampler.ThreadState, scopes: list[LimitScope], now: int) -> None:
+    """After a scope closed: what is still pending is what the scopes still
+    open have reached; nothing is pending once none is open."""
+    if not scopes:
+        st.clear_pending(_ALL_REASONS)
+        _delivery.deactivate(st)
+        return
+    if any(s.allocations is not None and now - s._start > s.allocations for s in scopes):
+        st.add_pending(REASON_ALLOCATIONS)
+    else:
+        st.clear_pending(REASON_ALLOCATIONS)
+    if not any(s.memory for s in scopes):
+        st.clear_pending(REASON_MEMORY)
+
+
+def _resync(st: _sampler.ThreadState, scope: LimitScope, now: int, forked: bool) -> None:
+    """Make the thread's state exactly what its open scopes say, after a
+    failure in the middle of closing ``scope`` (idempotent)."""
+    scopes = st.scopes
+    _remove(scopes, scope)
+    if scope._watching:
+        scope._watching = False
+        assert scope.token is not None
+        scope.token._unwatch(st)
+    if forked:
+        return
+    ctl = st.ctl
+    ctl.active = len(scopes)
+    ctl.watch_global = sum(1 for s in scopes if s.memory)
+    _sampler.set_budget_end(_budget_end(scopes))
+    _sync_pending(st, scopes, now)
+
+
+def _current_task() -> Any:
+    """The running asyncio task of this thread, or ``None`` (cheap: asyncio's
+    C accessors, and nothing at all while asyncio is not imported)."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return None
+    loop = aio._get_running_loop()
+    return None if loop is None else aio.current_task(loop)
+
+
+def _task_name(task: Any) -> str:
+    get_name = getattr(task, "get_name", None)
+    return repr(get_name()) if callable(get_name) else repr(task)
+
+
+_ADVICE = (
+    "A LimitScope cannot be held across `await` or `yield`: the thread's byte count, "
+    "budget and tokens cannot follow a suspended task.  Limit a coroutine with "
+    "`await memprof_limits.limit_async(coro, ...)`, and close generators that hold a "
+    "LimitScope in the reverse order of opening (or do not yield inside one)."
+)
+
+
+def _check_owner(scopes: list[LimitScope], owner: Any, scope: LimitScope) -> None:
+    """Refuse to open ``scope`` while another asyncio task holds a scope on
+    this thread (at most one task does: every opening checks)."""
+    for s in reversed(scopes):
+        holder = s._owner
+        if holder is not None:
+            if holder is owner:
+                return
+            where = "outside any asyncio task" if owner is None else f"in task {_task_name(owner)}"
+            s._misnested = (
+                f"{s!r} of asyncio task {_task_name(holder)} was held across an `await`: a "
+                f"LimitScope was opened {where} while it was open, so it was charged the work "
+                f"of other tasks. {_ADVICE}"
+            )
+            raise RuntimeError(
+                f"cannot open {scope!r} {where}: {s!r} of asyncio task {_task_name(holder)} "
+                f"is still open on this thread (that task holds it across an `await`). "
+                f"{_ADVICE}"
+            )
+
+
+def _out_of_order(scope: LimitScope, scopes: list[LimitScope]) -> str:
+    above = []
+    for s in reversed(scopes):
+        if s is scope:
+            break
+        above.append(s)
+    return (
+        f"{scope!r} closed out of order: {', '.join(map(repr, above))} opened after it "
+        f"{'is' if len(above) == 1 else 'are'} still open (a generator or a coroutine "
+        f"suspended inside a LimitScope?).  This scope was removed and the others keep "
+        f"their limits. {_ADVICE}"
+    )
 
 
 def _run(scope: LimitScope, task: Callable[[], T]) -> Ok[T] | Error:
@@ -377,13 +620,23 @@ def limit_with_token(task: Callable[[], T], *, token: Token) -> Ok[T] | Error:
 
 def _describe_scope(scope: LimitScope) -> str:
     if scope.reason == "memory":
+        if scope._rss is not None:
+            return (
+                f"global memory limit of {format_bytes(_global_limit or 0)} exceeded "
+                f"(resident memory {format_bytes(scope._rss)} when the task ended)"
+            )
         return _describe("memory")
     if scope.reason == "allocations":
-        return (
-            f"allocation limit of {scope.allocations} bytes reached "
-            f"({scope.allocated_bytes} bytes allocated)"
-        )
+        return _describe_allocations(scope, scope.allocated_bytes or 0)
     return "cancelled: the token was set"
+
+
+def _describe_allocations(scope: LimitScope, allocated: int) -> str:
+    limit = scope.allocations
+    if scope._shown is not None:
+        limit, before = scope._shown
+        allocated += before
+    return f"allocation limit of {limit} bytes reached ({allocated} bytes allocated)"
 
 
 def _describe(reason: str) -> str:
@@ -394,10 +647,7 @@ def _describe(reason: str) -> str:
         now = _sampler.allocated_bytes()
         for s in reversed(scopes):
             if s.allocations is not None and now - s._start > s.allocations:
-                return (
-                    f"allocation limit of {s.allocations} bytes reached "
-                    f"({now - s._start} bytes allocated)"
-                )
+                return _describe_allocations(s, now - s._start)
         return "allocation limit reached"
     if reason == "memory":
         # The figure read when the limit was found exceeded: by the time the
