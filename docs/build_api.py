@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "kernel"), str(ROOT / "repl")]
 
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Limits", "Run a task under a limit; `Ok` or `Error`.", [
-        "limit_allocations", "limit_global_memory", "limit_with_token", "LimitScope",
+        "limit_allocations", "limit_global_memory", "limit_with_token", "limit_async", "LimitScope",
         "set_global_memory_limit", "get_global_memory_limit", "release_memory",
     ]),
     ("Results and interrupts", "", [

@@ -359,12 +359,13 @@ class LimitScope:
                 "LimitScope.__exit__ without a matching __enter__ (or called twice); "
                 "use a LimitScope in a with statement"
             )
-        now = _sampler.allocated_bytes()
-        self.allocated_bytes = now - self._start
-        forked = bool(getattr(st, "forked", False))
+        forked = st.forked
         problem: str | None = None
         reason: Reason | None = None
+        now: int | None = None
         try:
+            now = _sampler.allocated_bytes()
+            self.allocated_bytes = now - self._start
             if not forked:
                 problem = self._misnested
                 if problem is None and (not st.scopes or st.scopes[-1] is not self):
@@ -403,7 +404,7 @@ class LimitScope:
             return "token"
         return None
 
-    def _close(self, st: _sampler.ThreadState, now: int, forked: bool) -> None:
+    def _close(self, st: _sampler.ThreadState, now: int | None, forked: bool) -> None:
         """Leave the thread's scopes; never stops half-way (see ``_resync``)."""
         self._closed = True
         try:
@@ -458,13 +459,15 @@ def _remove(scopes: list[LimitScope], scope: LimitScope) -> None:
             return
 
 
-def _sync_pending(st: _sampler.ThreadState, scopes: list[LimitScope], now: int) -> None:
+def _sync_pending(st: _sampler.ThreadState, scopes: list[LimitScope], now: int | None) -> None:
     """After a scope closed: what is still pending is what the scopes still
     open have reached; nothing is pending once none is open."""
     if not scopes:
         st.clear_pending(_ALL_REASONS)
         _delivery.deactivate(st)
         return
+    if now is None:  # (reading it failed in _ml_exit)
+        now = _sampler.allocated_bytes()
     if any(s.allocations is not None and now - s._start > s.allocations for s in scopes):
         st.add_pending(REASON_ALLOCATIONS)
     else:
@@ -473,18 +476,31 @@ def _sync_pending(st: _sampler.ThreadState, scopes: list[LimitScope], now: int) 
         st.clear_pending(REASON_MEMORY)
 
 
-def _resync(st: _sampler.ThreadState, scope: LimitScope, now: int, forked: bool) -> None:
+def _resync(st: _sampler.ThreadState, scope: LimitScope, now: int | None, forked: bool) -> None:
     """Make the thread's state exactly what its open scopes say, after a
     failure in the middle of closing ``scope`` (idempotent)."""
     scopes = st.scopes
     _remove(scopes, scope)
-    if scope._watching:
+    ctl = st.ctl
+    token = scope.token
+    if token is not None:
+        # Whether the failure came before, inside or after Token._unwatch:
+        # the flags watched are exactly those of the open scopes (in order,
+        # as ThreadState.watch_token lays them out), and the token's count
+        # of scopes watching it on this thread is recounted.
         scope._watching = False
-        assert scope.token is not None
-        scope.token._unwatch(st)
+        flags = [s.token._flag for s in scopes if s.token is not None]
+        for i, flag in enumerate(flags):
+            ctl.token_flags[i] = flag
+        ctl.n_tokens = len(flags)
+        count = sum(1 for s in scopes if s.token is token)
+        key = id(st)
+        if count:
+            token._watchers[key] = (st, count)
+        elif key in token._watchers:
+            del token._watchers[key]
     if forked:
         return
-    ctl = st.ctl
     ctl.active = len(scopes)
     ctl.watch_global = sum(1 for s in scopes if s.memory)
     _sampler.set_budget_end(_budget_end(scopes))
