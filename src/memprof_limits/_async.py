@@ -65,10 +65,9 @@ Known failure cases
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _exceptions, _sampler
 from ._delivery import REDELIVERY_INTERVAL_S
@@ -77,6 +76,12 @@ from ._result import Error, Ok
 from ._scope import LimitScope, _describe_scope
 from ._token import Token
 from ._units import parse_bytes
+
+if TYPE_CHECKING:
+    import asyncio
+
+# asyncio is imported where it is used (importing it takes ~40 ms): a program
+# that calls limit_async has imported it already.
 
 __all__ = ["limit_async"]
 
@@ -124,6 +129,8 @@ def limit_async(
     >>> asyncio.run(ml.limit_async(work(), token=ml.Token()))  # doctest: +ELLIPSIS
     Ok(value=['0', '1', ...])
     """
+    import asyncio
+
     coro = task if inspect.iscoroutine(task) else None
     try:
         if not isinstance(memory, bool):
@@ -190,6 +197,8 @@ class _Driver:
         self.finished = False
 
     def __await__(self) -> Generator[Any, Any, Ok[Any] | Error]:
+        import asyncio
+
         token = self.token
         if token is not None and token.is_set():
             self.finished = True
@@ -286,6 +295,8 @@ class _Driver:
     def _wait(self, fut: asyncio.Future[Any], token: Token) -> Generator[Any, Any, tuple[int, Any]]:
         """Wait for ``fut`` (what the coroutine awaits) or the token, whichever
         first; returns how to resume the coroutine."""
+        import asyncio
+
         loop = fut.get_loop()
         waiter = loop.create_future()
         timer: asyncio.TimerHandle | None = None
@@ -361,12 +372,16 @@ def _own_loop_future(value: Any) -> bool:
     ``await future`` yields), which the wrapper can wait for itself."""
     if getattr(value, "_asyncio_future_blocking", None) is not True:
         return False
+    import asyncio
+
     loop = asyncio._get_running_loop()
     return loop is not None and asyncio.isfuture(value) and value.get_loop() is loop
 
 
 def _cancel(value: Any) -> None:
     """Abandon what the coroutine awaited (as ``Task.cancel`` would)."""
+    import asyncio
+
     if asyncio.isfuture(value) and not value.done():
         value._asyncio_future_blocking = False
         value.cancel()

@@ -22,6 +22,7 @@ from memprof_limits._native import lib  # type: ignore[import-not-found,unused-i
 
 import memprof_limits as ml
 from memprof_limits import _sampler
+from tests.conftest import run_python
 
 KB = 1000
 
@@ -599,3 +600,40 @@ def test_random_interleavings(specs: list[tuple[list[int], str]], rnd: Any) -> N
         else:
             assert result == ml.Ok(sum(steps)), (steps, kind, result)
     assert_clean_thread()
+
+
+class _Suspend:
+    """An awaitable that suspends once (no event loop needed)."""
+
+    def __await__(self) -> Generator[str, None, None]:
+        yield "suspended"
+
+
+def test_closing_the_awaiting_coroutine_closes_the_limited_one() -> None:
+    events: list[str] = []
+
+    async def inner() -> None:
+        try:
+            await _Suspend()
+            events.append("resumed")
+        finally:
+            events.append("finally")
+
+    outer = ml.limit_async(inner, allocations="10 MB", token=ml.Token())
+    assert outer.send(None) == "suspended"
+    outer.close()
+    assert events == ["finally"]
+    assert_clean_thread()
+
+
+def test_importing_the_library_does_not_import_asyncio() -> None:
+    run_python(
+        """
+        import sys, memprof_limits as ml
+        assert "asyncio" not in sys.modules
+        ml.limit_allocations(lambda: None, limit=100)
+        with ml.LimitScope(allocations=100):
+            pass
+        assert "asyncio" not in sys.modules
+        """
+    )
