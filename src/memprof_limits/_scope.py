@@ -517,6 +517,13 @@ def _current_task() -> Any:
     return None if loop is None else aio.current_task(loop)
 
 
+def _running(task: Any) -> bool:
+    """Whether ``task``'s coroutine is executing (not suspended)."""
+    get_coro = getattr(task, "get_coro", None)
+    coro = get_coro() if callable(get_coro) else None
+    return bool(getattr(coro, "cr_running", False) or getattr(coro, "gi_running", False))
+
+
 def _task_name(task: Any) -> str:
     get_name = getattr(task, "get_name", None)
     return repr(get_name()) if callable(get_name) else repr(task)
@@ -536,7 +543,10 @@ def _check_owner(scopes: list[LimitScope], owner: Any, scope: LimitScope) -> Non
     for s in reversed(scopes):
         holder = s._owner
         if holder is not None:
-            if holder is owner:
+            if holder is owner or _running(holder):
+                # Its own task, or one whose coroutine is running further up
+                # the stack (an eager task's first step started from it): the
+                # scopes nest properly.
                 return
             where = "outside any asyncio task" if owner is None else f"in task {_task_name(owner)}"
             s._misnested = (

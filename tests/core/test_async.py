@@ -637,3 +637,26 @@ def test_importing_the_library_does_not_import_asyncio() -> None:
         assert "asyncio" not in sys.modules
         """
     )
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "eager_task_factory"), reason="eager tasks: 3.12+")
+def test_an_eager_task_started_inside_a_scope_nests_properly() -> None:
+    """An eager task's first step runs inside its creator's step: its scopes nest inside
+    the creator's (no false alarm), and a limit_async in it works."""
+
+    async def child() -> object:
+        with ml.LimitScope(allocations="10 MB") as scope:
+            alloc(10 * KB)
+        inner = await ml.limit_async(lambda: _alloc_async(2000 * KB), allocations="1 MB")
+        return scope.interrupted, type(inner).__name__
+
+    async def parent() -> object:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        with ml.LimitScope(allocations="100 MB"):
+            task = asyncio.create_task(child())
+        return await task
+
+    result = asyncio.run(ml.limit_async(parent, allocations="1 GB"))
+    assert result == ml.Ok((False, "Error")), result
+    assert_clean_thread()
