@@ -38,6 +38,7 @@ Two rules the front ends rely on (issue 12):
 
 from __future__ import annotations
 
+import builtins
 import re
 import threading
 import time
@@ -129,24 +130,35 @@ class CellLimits:
     """Limits of a cell: the global memory limit and the allocation budget,
     in bytes (``None``: no limit).
 
+    A limit given as text keeps the text (``memory_text``,
+    ``allocations_text``): :meth:`describe` shows a limit as the user wrote
+    it (``10MB``, not ``9.5 MiB``).
+
     >>> CellLimits.parse("memory=2GiB allocations=500MB")
     CellLimits(memory=2147483648, allocations=500000000)
+    >>> CellLimits.parse("allocations=10MB").describe()
+    'allocations=10MB'
     """
 
     memory: int | None = None
     allocations: int | None = None
+    memory_text: str | None = field(default=None, repr=False, compare=False)
+    allocations_text: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("memory", "allocations"):
             value = getattr(self, name)
             if value is not None:
+                if isinstance(value, str) and getattr(self, f"{name}_text") is None:
+                    object.__setattr__(self, f"{name}_text", value.strip())
                 object.__setattr__(self, name, parse_size(value, f"{name} limit"))
 
     @classmethod
     def parse(cls, spec: str, base: CellLimits | None = None) -> CellLimits:
         """Parse ``memory=2GiB allocations=500MB`` / ``off`` over ``base``.
 
-        Raises ``ValueError`` saying what is expected.
+        Raises ``ValueError`` saying what is expected (the caller names the
+        context: ``%limits: ...``).
         """
         limits = base or cls()
         spec = spec.strip()
@@ -158,23 +170,29 @@ class CellLimits:
             key, sep, value = item.partition("=")
             key = key.strip().lower()
             if not sep or key not in ("memory", "allocations", "mem", "alloc"):
-                raise ValueError(f"limits: cannot read {_clip(item)!r}: {_LIMITS_HELP}")
+                raise ValueError(f"cannot read {_clip(item)!r}: {_LIMITS_HELP}")
             field_name = "memory" if key.startswith("mem") else "allocations"
-            off = value.strip().lower() in ("off", "none")
+            text = value.strip()
+            off = text.lower() in ("off", "none")
             try:
-                amount = None if off else parse_size(value.strip(), field_name)
+                amount = None if off else parse_size(text, field_name)
             except ValueError as e:
-                raise ValueError(f"limits: {_clip(str(e), 300)}") from None
-            limits = replace(limits, **{field_name: amount})
+                raise ValueError(_clip(str(e), 300)) from None
+            changes: dict[str, Any] = {field_name: amount, f"{field_name}_text": None}
+            if not off:
+                changes[f"{field_name}_text"] = text
+            limits = replace(limits, **changes)
         return limits
 
     def describe(self) -> str:
-        """``memory=2.0 GiB allocations=476.8 MiB`` (or ``no limits``)."""
+        """``memory=2GiB allocations=500MB`` as written (or ``memory=2.0 GiB``
+        for a limit given in bytes by a program), or ``no limits``."""
         parts = []
-        if self.memory is not None:
-            parts.append(f"memory={format_bytes(self.memory)}")
-        if self.allocations is not None:
-            parts.append(f"allocations={format_bytes(self.allocations)}")
+        for name in ("memory", "allocations"):
+            value = getattr(self, name)
+            if value is not None:
+                text = getattr(self, f"{name}_text")
+                parts.append(f"{name}={text if text else format_bytes(value)}")
         return " ".join(parts) or "no limits"
 
 
@@ -357,6 +375,7 @@ class CellRunner:
         self.limits = limits or CellLimits()
         self.rollback = rollback
         self.last: CellOutcome | None = None
+        self._ns = namespace
         self._namespace = (
             None
             if namespace is None
@@ -390,6 +409,14 @@ class CellRunner:
         limits = limits or self.limits
         cell = Cell(self, limits)
         outcome = cell.outcome
+        if self._ns is not None and "__builtins__" not in self._ns:
+            # What ``exec(code, namespace)`` would add during the cell: added
+            # before the checkpoint, it is not reported as the cell's doing
+            # ("rolled back: __builtins__ (added)") nor removed by a rollback.
+            try:
+                self._ns["__builtins__"] = builtins.__dict__
+            except Exception:  # a mapping that refuses it: exec would fail the same way
+                pass
         checkpoints = self._checkpoint(outcome) if self.rollback else []
         previous_limit = get_global_memory_limit()
         try:

@@ -100,7 +100,15 @@ def test_limits_parse() -> None:
     assert base == ml.CellLimits(memory=2 * 2**30, allocations=500 * 10**6)
     assert ml.CellLimits.parse("allocations=off", base).allocations is None
     assert ml.CellLimits.parse("off", base) == ml.CellLimits()
-    assert "memory=2.0 GiB" in base.describe()
+    # Shown as written, not converted to binary units (10MB is not "9.5 MiB").
+    assert base.describe() == "memory=2GiB allocations=500MB"
+    assert ml.CellLimits.parse("allocations=10MB").describe() == "allocations=10MB"
+    assert ml.CellLimits.parse("memory=1.5 GB".replace(" ", "")).describe() == "memory=1.5GB"
+    assert ml.CellLimits(allocations="10 MB").describe() == "allocations=10 MB"  # type: ignore[arg-type]
+    # A limit given in bytes by a program has no text: shown in binary units.
+    assert ml.CellLimits(memory=2 * 2**30).describe() == "memory=2.0 GiB"
+    # The text does not make limits differ.
+    assert ml.CellLimits.parse("allocations=1000000") == ml.CellLimits.parse("allocations=1MB")
     for bad in ("memory", "speed=3", "memory=lots"):
         with pytest.raises(ValueError, match="expected"):
             ml.CellLimits.parse(bad)
@@ -152,8 +160,10 @@ def _interrupted_cell(runner: ml.CellRunner, code: str, ns: dict[str, object]) -
 def test_limits_parse_turns_any_size_failure_into_a_value_error(spec: str) -> None:
     # Whatever parse_bytes raises for an absurd size (OverflowError today),
     # the caller gets a ValueError that says what was expected.
-    with pytest.raises(ValueError, match=r"limits: .*expected"):
+    with pytest.raises(ValueError, match=r"^(memory|allocations): .*expected") as info:
         ml.CellLimits.parse(spec)
+    # No prefix of its own: the caller says where (``%limits: ...``, not ``%limits: limits:``).
+    assert not str(info.value).startswith("limits:")
 
 
 @pytest.mark.parametrize("exc", [OverflowError("huge"), RuntimeError("odd"), ArithmeticError()])
@@ -166,7 +176,7 @@ def test_limits_parse_does_not_depend_on_the_exception_type(
         raise exc
 
     monkeypatch.setattr(_cells, "parse_bytes", broken)
-    expected = r"limits: allocations: cannot read '1MB' as a size .*expected"
+    expected = r"^allocations: cannot read '1MB' as a size .*expected"
     with pytest.raises(ValueError, match=expected):
         ml.CellLimits.parse("allocations=1MB")
     with pytest.raises(ValueError, match="memory limit"):
@@ -324,3 +334,20 @@ def test_a_restore_raising_a_base_exception_is_a_reported_failure(
         f"checkpoint: Guarded 'bad': __snapshot__ raised {exc.__name__}"
     ]
     del bad
+
+
+def test_builtins_added_by_exec_are_not_the_cells_doing() -> None:
+    """``exec(code, ns)`` adds ``__builtins__`` to a namespace that lacks it: the
+    rollback line of the demo used to say ``rolled back: __builtins__ (added)``."""
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns, limits=ml.CellLimits(allocations=10**6))
+    with runner.cell() as cell:
+        cell.run(lambda: exec("x = 2\nlog = [str(i) for i in range(10**6)]", ns))
+    assert cell.outcome.reason == "allocations"
+    assert cell.outcome.rollback is not None
+    assert cell.outcome.interrupt_line().endswith("rolled back: x (changed)")
+    assert ns["x"] == 1 and "__builtins__" in ns
+    # The next cell runs (its builtins were not removed by the rollback).
+    with runner.cell() as cell:
+        assert cell.run(lambda: exec("y = len('ab')", ns)) == ml.Ok(None)
+    assert ns["y"] == 2
