@@ -51,7 +51,12 @@ The solution
   IPython runs it (no limits, no rollback) after a line on stderr that says
   so -- refusing it would refuse every later cell too.  Bad default limits
   (``MEMPROF_LIMITS``) are reported on stderr with the first cell; the kernel
-  starts without limits.
+  starts with the safe default memory limit.
+- Safe by default: the kernel starts with a global memory limit derived from
+  the machine (``memprof_limits._defaults``: 80 % of the process's cgroup
+  limit, else of the physical memory), shown in the banner and ``%limits``;
+  ``MEMPROF_LIMITS`` / ``install --limits`` / ``default_limits`` apply over it
+  (``memory=off`` removes it).
 - Every ``Session.send`` runs masked: a multipart ZMQ message is never cut.
 - GIL switch interval: a busy cell holds the GIL and gives it up every 5 ms
   (Python's interval); the Control thread takes it a dozen times on its way
@@ -95,6 +100,7 @@ from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Float, Type, Unicode, default
 
 import memprof_limits as ml
+from memprof_limits._defaults import start_limits
 from memprof_limits._rollback import describe_exception
 
 from . import __version__
@@ -169,8 +175,10 @@ class MemprofLimitsKernel(IPythonKernel):
     shell_class = Type(MemprofLimitsShell)
 
     default_limits = Unicode(
-        help="Limits of every cell at start, e.g. 'memory=2GiB allocations=500MB' "
-        "(default: the environment variable MEMPROF_LIMITS, else no limits)."
+        help="Limits of every cell at start, e.g. 'memory=2GiB allocations=500MB', over the "
+        "safe default memory limit (80% of the cgroup limit or of the physical memory; "
+        "'memory=off' removes it, 'off' removes both).  Default: the environment variable "
+        "MEMPROF_LIMITS."
     ).tag(config=True)
     report = Bool(
         help="Print a one-line summary (allocations, peak memory, time) after each cell "
@@ -212,22 +220,20 @@ class MemprofLimitsKernel(IPythonKernel):
             sys.setswitchinterval(self.switch_interval)
         #: Said on stderr with the first cell (the kernel has no output before).
         self._startup_warnings: list[str] = []
-        try:
-            limits = ml.CellLimits.parse(self.default_limits or "off")
-        except Exception as e:  # ValueError; anything else is reported the same
-            source = (
-                "MEMPROF_LIMITS"
-                if os.environ.get("MEMPROF_LIMITS") == self.default_limits
-                else "MemprofLimitsKernel.default_limits"
-            )
-            warning = (
-                f"memprof-limits: ignoring {source}={self.default_limits!r}: "
-                f"{describe_exception(e)}; the kernel runs with no limits (%limits to set them)"
-            )
+        source = (
+            "MEMPROF_LIMITS"
+            if os.environ.get("MEMPROF_LIMITS") == self.default_limits
+            else "MemprofLimitsKernel.default_limits"
+        )
+        # Safe by default: a memory limit derived from the machine, which
+        # MEMPROF_LIMITS (install --limits) or the configuration overrides.
+        start = start_limits(self.default_limits or None, source=source)
+        problems = [f"memprof-limits: default memory limit: {n}" for n in start.default.notes]
+        for warning in [*problems, *start.warnings]:
             self.log.error("%s", warning)
             self._startup_warnings.append(warning)
-            limits = ml.CellLimits()
-        self.settings = SessionSettings(limits=limits, report=self.report)
+        limits = start.limits
+        self.settings = SessionSettings(limits=limits, report=self.report, default=start.default)
         shell = self._shell()
         shell.register_magics(LimitsMagics(shell, self.settings))
         shell.interrupt_waiter = self._interrupt_waiter
@@ -293,6 +299,7 @@ class MemprofLimitsKernel(IPythonKernel):
             f"{super().banner}"
             f"memprof-limits kernel {__version__}: every cell is a limited task; "
             "interrupted cells are rolled back.  %limits? for help.\n"
+            f"Limits: {self.settings.describe_limits()}\n"
         )
 
     @property

@@ -18,6 +18,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 import memprof_limits as ml
+from memprof_limits._defaults import DefaultMemoryLimit, is_default_memory
 from memprof_limits._rollback import display_name
 
 __all__ = ["LimitsMagics", "SessionSettings", "split_cell_limits"]
@@ -48,6 +49,8 @@ class SessionSettings:
     limits: ml.CellLimits = field(default_factory=ml.CellLimits)
     report: bool = False
     last: ml.CellOutcome | None = None
+    #: The safe default memory limit the kernel started with (if it did).
+    default: DefaultMemoryLimit | None = None
 
     def cell_limits(self, code: str) -> ml.CellLimits:
         """The limits of a cell: the session's, overridden by a leading
@@ -60,9 +63,20 @@ class SessionSettings:
         except Exception:  # ValueError (or anything): the shell reports it
             return self.limits
 
+    def describe_limits(self) -> str:
+        """``memory=18.8 GiB (the default: 80% of ...)``: the limits, and
+        where the memory limit comes from when it is the default."""
+        text = self.limits.describe()
+        if self.default is not None and is_default_memory(self.limits, self.default):
+            text += (
+                f" (the default memory limit: {self.default.describe()}; "
+                "%limits memory=off removes it)"
+            )
+        return text
+
     def describe(self) -> str:
         lines = [
-            f"session limits: {self.limits.describe()}",
+            f"session limits: {self.describe_limits()}",
             f"report after each cell: {'on' if self.report else 'off'}",
         ]
         if self.last is not None:
@@ -124,4 +138,4 @@ class LimitsMagics(Magics):
             settings.limits = ml.CellLimits.parse(line, settings.limits)
         except Exception as e:  # ValueError; anything else is reported the same
             raise UsageError(f"%limits: {display_name(e)}\n{_USAGE}") from None
-        print(f"session limits: {settings.limits.describe()}")
+        print(f"session limits: {settings.describe_limits()}")

@@ -103,11 +103,13 @@ def test_a_restore_that_raises_costs_no_reply(any_kernel: Kernel) -> None:
     ids=["cell-alloc", "cell-mem", "cell-digits", "line-alloc", "line-mem"],
 )
 def test_absurd_limits_are_a_usage_error(kernel: Kernel, code: str) -> None:
+    before = kernel.ok("%limits").stdout.splitlines()[0]
     r = kernel.run(code, timeout=REPLY_TIMEOUT_S)
     assert r.status == "error" and r.content["ename"] == "UsageError", r.content
     assert "limits" in r.content["evalue"] and "expected" in r.content["evalue"], r.content
+    assert "limits: limits:" not in r.content["evalue"], r.content
     assert kernel.value("'never' in globals()") == "False"
-    assert "session limits: no limits" in kernel.ok("%limits").stdout
+    assert kernel.ok("%limits").stdout.splitlines()[0] == before
     alive(kernel)
 
 
@@ -177,8 +179,11 @@ def test_absurd_default_limits_do_not_stop_the_kernel() -> None:
         k = Kernel(MESSAGE, env={**os.environ, "MEMPROF_LIMITS": spec})
         try:
             r = k.ok("1")
-            assert f"MEMPROF_LIMITS={spec!r}" in r.stderr and "no limits" in r.stderr, r.outputs
-            assert "session limits: no limits" in k.ok("%limits").stdout
+            assert f"MEMPROF_LIMITS={spec!r}" in r.stderr, r.outputs
+            assert "the default memory limit" in r.stderr and "stays" in r.stderr, r.outputs
+            # Safe by default even then: the default memory limit, nothing else.
+            assert "(the default memory limit: " in k.ok("%limits").stdout
+            assert k.ok("1").figures["limits"]["allocations"] is None
             assert "MEMPROF_LIMITS" not in k.ok("2").stderr  # said once
         finally:
             k.close()
@@ -351,7 +356,9 @@ def test_another_event_loop_in_the_configuration_does_not_stop_the_kernel(
     )
     k = Kernel(MESSAGE, env={**os.environ, "IPYTHONDIR": str(tmp_path)})
     try:
-        assert "allocations=4.8 MiB" in k.ok("%limits").stdout  # the file was read
+        limits = k.ok("%limits").stdout
+        assert "allocations=5MB" in limits, limits  # the file was read
+        assert "(the default memory limit: " in limits, limits  # over the default
         assert "set to use `asyncio`" in k.ok("%autoawait").stdout
         assert k.ok("import asyncio\nawait asyncio.sleep(0)\n1").result == "1"
     finally:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import re
 import time
 
-from kernel_helpers import Kernel
+from kernel_helpers import MESSAGE, Kernel
+
+import memprof_limits as ml
 
 
 def plain(text: str) -> str:
@@ -14,18 +16,51 @@ def plain(text: str) -> str:
 
 
 def test_limits_magic_sets_and_shows_session_limits(kernel: Kernel) -> None:
+    from memprof_limits._defaults import default_memory_limit
+
+    default = default_memory_limit()
+    assert default.bytes is not None
     r = kernel.ok("%limits")
-    assert "session limits: no limits" in r.stdout
+    # Safe by default: a memory limit derived from the machine, and where it comes from.
+    assert r.stdout.startswith(
+        f"session limits: memory={ml.format_bytes(default.bytes)} (the default memory limit: "
+        f"{default.describe()}; %limits memory=off removes it)"
+    ), r.stdout
+    assert kernel.ok("1").figures["limits"] == {"memory": default.bytes, "allocations": None}
     r = kernel.ok("%limits memory=3GiB allocations=500MB")
-    assert "memory=3.0 GiB allocations=476.8 MiB" in r.stdout
+    # As written: 500MB is not shown as "476.8 MiB".
+    assert "session limits: memory=3GiB allocations=500MB\n" == r.stdout, r.stdout
     r = kernel.ok("%limits")
-    assert "memory=3.0 GiB allocations=476.8 MiB" in r.stdout and "last cell:" in r.stdout
+    assert "memory=3GiB allocations=500MB" in r.stdout and "last cell:" in r.stdout
     assert r.figures["limits"] == {"memory": 3 * 2**30, "allocations": 500_000_000}
     kernel.ok("%limits allocations=off")  # from the next cell on
     assert kernel.ok("1").figures["limits"] == {"memory": 3 * 2**30, "allocations": None}
     r = kernel.ok("%limits off")
     assert "no limits" in r.stdout
     assert kernel.ok("1").figures["limits"] == {"memory": None, "allocations": None}
+
+
+def test_a_fresh_kernel_shows_its_default_limit_and_it_can_be_removed_alone() -> None:
+    from memprof_limits._defaults import default_memory_limit
+
+    default = default_memory_limit()
+    k = Kernel(MESSAGE)
+    try:
+        msg_id = k.kc.kernel_info()
+        while True:
+            reply = k.kc.get_shell_msg(timeout=10)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        banner = reply["content"]["banner"]
+        assert "memprof-limits kernel" in banner
+        expected = f"Limits: memory={ml.format_bytes(default.bytes or 0)} (the default memory limit"
+        assert expected in banner, banner
+        k.ok("%limits allocations=1GB")
+        r = k.ok("%limits memory=off")
+        assert r.stdout == "session limits: allocations=1GB\n", r.stdout
+        assert k.ok("1").figures["limits"] == {"memory": None, "allocations": 10**9}
+    finally:
+        k.close()
 
 
 def test_limits_magic_refuses_bad_input(kernel: Kernel) -> None:
