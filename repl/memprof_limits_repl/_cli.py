@@ -6,13 +6,23 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import memprof_limits as ml
 from memprof_limits._cells import parse_size
+from memprof_limits._defaults import start_limits
 from memprof_limits._process import pin_hash_seed
 
 from ._errors import EXIT_USAGE
-from ._run import RUN_USAGE, RunUsageError, _HelpRequested, parse_run_args, run
+from ._run import (
+    RUN_USAGE,
+    RunUsageError,
+    _HelpRequested,
+    parse_run_args,
+    run,
+    split_size_error,
+)
 from ._session import Session
 
 __all__ = ["default_history_file", "main"]
@@ -45,13 +55,43 @@ def _version() -> str:
         return "unknown"
 
 
-def _size(text: str) -> int | None:
+def _size(text: str) -> str:
+    """The size as written (checked), or ``off``."""
     if text.strip().lower() in ("off", "none"):
-        return None
+        return "off"
     try:
-        return parse_size(text, "size")  # a ValueError whatever failed
+        parse_size(text, "size")  # a ValueError whatever failed
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
+
+
+def _with_option(limits: ml.CellLimits, name: str, text: str | None) -> ml.CellLimits:
+    """``limits`` with ``--memory`` / ``--allocations`` (as written) applied."""
+    if text is None:
+        return limits
+    if text == "off":
+        return replace(limits, **{name: None, f"{name}_text": None})
+    changes: dict[str, Any] = {name: parse_size(text, name), f"{name}_text": text}
+    return replace(limits, **changes)
+
+
+def _split_size(args: Sequence[str]) -> str | None:
+    """The message for an unquoted ``--allocations 1 GB`` among the REPL's own
+    options (not in what follows ``-c CODE`` or ``--``), or ``None``."""
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--"):
+            return None
+        name, eq, value = arg.partition("=")
+        if name not in ("--memory", "--allocations"):
+            continue
+        at = i if eq else i + 1
+        if not eq:
+            value = args[at] if at < len(args) else ""
+        problem = split_size_error(name, value, args[at + 1] if at + 1 < len(args) else None)
+        if problem is not None:
+            return problem
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,9 +102,19 @@ def _parser() -> argparse.ArgumentParser:
         "130 interrupted (see docs/repl.md)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--memory", type=_size, metavar="SIZE", help="global memory limit (e.g. 2GiB)")
     p.add_argument(
-        "--allocations", type=_size, metavar="SIZE", help="allocation limit per cell (e.g. 200MB)"
+        "--memory",
+        type=_size,
+        metavar="SIZE",
+        help="global memory limit (e.g. 2GiB; 'off': none).  Default: 80%% of the memory "
+        "this process may use (its cgroup limit, else the physical memory); "
+        "MEMPROF_LIMITS='memory=... allocations=...' also sets the limits",
+    )
+    p.add_argument(
+        "--allocations",
+        type=_size,
+        metavar="SIZE",
+        help="allocation limit per cell (e.g. 200MB; default: none)",
     )
     p.add_argument(
         "--no-rollback",
@@ -124,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return run(options)
     parser = _parser()
+    problem = _split_size(args)
+    if problem is not None:
+        parser.print_usage(sys.stderr)
+        print(f"memprof-limits: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         ns = parser.parse_args(args)
     except SystemExit as e:  # --help, --version, usage errors
@@ -140,10 +195,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ml.start(seed=ns.seed)
     else:
         ml.start()
-    session = Session(
-        limits=ml.CellLimits(memory=ns.memory, allocations=ns.allocations),
-        rollback=not ns.no_rollback,
-    )
+    # Safe by default: a memory limit derived from the machine, under
+    # MEMPROF_LIMITS, under the command line's options.
+    start = start_limits(os.environ.get("MEMPROF_LIMITS"), source="MEMPROF_LIMITS")
+    for note in start.default.notes:
+        print(f"memprof-limits: default memory limit: {note}", file=sys.stderr)
+    for warning in start.warnings:
+        print(warning, file=sys.stderr)
+    limits = _with_option(start.limits, "memory", ns.memory)
+    limits = _with_option(limits, "allocations", ns.allocations)
+    session = Session(limits=limits, rollback=not ns.no_rollback, default=start.default)
     if ns.code is not None:
         sys.argv = ["-c", *ns.args]
         return session.run_code(ns.code)

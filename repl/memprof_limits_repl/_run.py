@@ -31,9 +31,14 @@ Known failure cases
 
 from __future__ import annotations
 
+import builtins
+import importlib.machinery
+import io
 import os
+import re
 import runpy
 import sys
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,10 +65,15 @@ Run a Python script (or module) as one task under limits.  Options of
 memprof-limits may come before or after SCRIPT; every other argument after
 SCRIPT goes to the script, and so does everything after `--`.
 
+No limit unless asked: unlike the REPL and the kernel, `run` has no default
+memory limit (a script is run as `python` would run it); give --memory and
+--allocations.
+
   --allocations SIZE  stop the script once its main thread has allocated
                       SIZE bytes (exact and deterministic), e.g. 1GB, 500MiB
   --memory SIZE       stop the script while the process's resident memory
                       exceeds SIZE (checked about every 80 kB allocated)
+                      (SIZE is one argument: 1GB or '1 GB', not 1 GB)
   --seed N            seed of the sampler (reproducible sample positions)
   --report            at the end, one line on stderr: bytes allocated, peak
                       resident memory, time (to choose --allocations)
@@ -75,6 +85,29 @@ sys.exit code), 2 for a usage error or a script that cannot be opened,
 exceeded, 130 when interrupted by Ctrl+C / SIGINT; then one line on
 stderr says why.
 """
+
+
+_NUMBER = re.compile(r"[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][+-]?[0-9]+)?\Z")
+_UNIT = re.compile(r"(?i)(?:[kmgtpe]i?b?|b|bytes?)\Z")
+
+
+def split_size_error(option: str, value: str, following: str | None) -> str | None:
+    """The message for ``--allocations 1 GB`` (unquoted: ``1`` then ``GB``),
+    or ``None``.  As given, the limit would silently be 1 byte and ``GB``
+    another argument.
+
+    >>> split_size_error("--allocations", "1", "GB")  # doctest: +ELLIPSIS
+    "--allocations 1 GB: write the size as one argument (--allocations 1GB, or ..."
+    >>> split_size_error("--allocations", "1GB", "script.py") is None
+    True
+    """
+    if following is None or not _NUMBER.match(value) or not _UNIT.match(following):
+        return None
+    return (
+        f"{option} {value} {following}: write the size as one argument ({option} "
+        f"{value}{following}, or quoted: {option} '{value} {following}'); as given, the "
+        f"limit would be {value} bytes and {following!r} another argument"
+    )
 
 
 class RunUsageError(Exception):
@@ -97,13 +130,15 @@ class RunOptions:
     report: bool = False
 
 
-def _size(option: str, value: str) -> int | None:
+def _size(option: str, value: str) -> str | None:
+    """The size as written (checked), or ``None`` for ``off``."""
     if value.strip().lower() in ("off", "none"):
         return None
     try:
-        return parse_size(value, option)  # a ValueError whatever failed
+        parse_size(value, option)  # a ValueError whatever failed
     except ValueError as e:
         raise RunUsageError(str(e)) from None
+    return value.strip()
 
 
 def parse_run_args(argv: Sequence[str]) -> RunOptions:
@@ -116,8 +151,8 @@ limits=CellLimits(memory=None, allocations=1000000000), seed=None, report=False)
     target: str | None = None
     module = False
     args: list[str] = []
-    memory: int | None = None
-    allocations: int | None = None
+    memory: str | None = None
+    allocations: str | None = None
     seed: int | None = None
     report = False
     i = 0
@@ -138,6 +173,11 @@ limits=CellLimits(memory=None, allocations=1000000000), seed=None, report=False)
                 if i >= len(argv):
                     raise RunUsageError(f"{name} expects a value")
                 value = argv[i]
+            if name != "--seed":
+                following = argv[i + 1] if i + 1 < len(argv) else None
+                problem = split_size_error(name, value, following)
+                if problem is not None:
+                    raise RunUsageError(problem)
             if name == "--seed":
                 try:
                     seed = int(value)
@@ -169,7 +209,33 @@ limits=CellLimits(memory=None, allocations=1000000000), seed=None, report=False)
         i += 1
     if target is None:
         raise RunUsageError("missing SCRIPT (or -m MODULE)")
-    return RunOptions(target, module, args, ml.CellLimits(memory, allocations), seed, report)
+    limits = ml.CellLimits(memory, allocations)  # type: ignore[arg-type]  # text: kept as written
+    return RunOptions(target, module, args, limits, seed, report)
+
+
+def _run_file(path: str) -> dict[str, object]:
+    """Run a script as ``python path`` does: ``sys.argv[0]`` as given (``runpy.run_path``
+    would set it to the path it is given, and an absolute path is needed for
+    ``__file__`` and tracebacks, as Python 3.9+ gives them), ``__main__`` a fresh
+    module whose ``__file__`` is absolute; the previous ``__main__`` is put back after."""
+    absolute = os.path.abspath(path)
+    with io.open_code(absolute) as f:
+        source = f.read()
+    code = compile(source, absolute, "exec", dont_inherit=True)
+    module = types.ModuleType("__main__")
+    module.__dict__.update(
+        __file__=absolute, __cached__=None, __package__=None, __spec__=None,
+        __loader__=importlib.machinery.SourceFileLoader("__main__", absolute),
+        __builtins__=builtins,
+    )  # fmt: skip
+    previous = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if previous is not None:
+            sys.modules["__main__"] = previous
+    return module.__dict__
 
 
 def _interrupt_running(runner: ml.CellRunner) -> Callable[[], None]:
@@ -204,8 +270,13 @@ def run(options: RunOptions) -> int:
         if os.path.isfile(path):
             sys.path[0] = os.path.dirname(os.path.abspath(path))
 
-        def task() -> object:
-            return runpy.run_path(os.path.abspath(path), run_name="__main__")
+            def task() -> object:
+                return _run_file(path)
+
+        else:  # a directory or a zip file with __main__.py
+
+            def task() -> object:
+                return runpy.run_path(path, run_name="__main__")
 
     if options.seed is not None:
         ml.start(seed=options.seed)
@@ -238,8 +309,9 @@ def run(options: RunOptions) -> int:
     elif outcome.reason == "memory" and outcome.limits.memory is not None:
         # The figures of the moment the limit was found exceeded (the
         # exception's own message may be made later, after memory was freed).
+        limit = outcome.limits.memory_text or ml.format_bytes(outcome.limits.memory)
         why = (
-            f"global memory limit of {ml.format_bytes(outcome.limits.memory)} exceeded "
+            f"global memory limit of {limit} exceeded "
             f"(peak resident memory {ml.format_bytes(outcome.peak_rss_bytes)})"
         )
     else:

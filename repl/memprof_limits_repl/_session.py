@@ -75,6 +75,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
 import memprof_limits as ml
+from memprof_limits._defaults import DefaultMemoryLimit, is_default_memory
 from memprof_limits._rollback import describe_exception, display_name
 
 from ._errors import (
@@ -140,6 +141,8 @@ class Session:
         limits: the session limits (``%limits`` changes them).
         rollback: roll the namespace back when a cell is interrupted.
         namespace: the namespace to use (default: a fresh ``__main__``).
+        default: the safe default memory limit the session started with
+            (``memprof_limits._defaults``), to say so where limits are shown.
 
     Output goes to ``sys.stdout`` and ``sys.stderr`` as they are when a cell
     runs.  The front ends (prompt, pipe, ``-c``) call :meth:`run_cell`
@@ -160,7 +163,9 @@ class Session:
         limits: ml.CellLimits | None = None,
         rollback: bool = True,
         namespace: dict[str, Any] | None = None,
+        default: DefaultMemoryLimit | None = None,
     ) -> None:
+        self.default = default
         self.module: types.ModuleType | None = None
         if namespace is None:
             self.module = types.ModuleType("__main__")
@@ -398,10 +403,27 @@ class Session:
         print(message, file=sys.stderr, flush=True)
         return CellReport("error")
 
+    def limits_text(self, *, short: bool = False) -> str:
+        """The session's limits as written (``memory=2GiB allocations=100MB``);
+        a default memory limit says so: ``(default)``, or with ``short=False``
+        where it comes from and how to remove it."""
+        limits = self.runner.limits
+        text = limits.describe()
+        if self.default is not None and is_default_memory(limits, self.default):
+            memory = f"memory={ml.format_bytes(limits.memory or 0)}"
+            note = (
+                " (default)"
+                if short
+                else f" (the default memory limit: {self.default.describe()}; "
+                "%limits memory=off removes it)"
+            )
+            text = text.replace(memory, memory + note, 1)
+        return text
+
     def describe_limits(self) -> str:
-        """``limits: memory=1.0 GiB allocations=190.7 MiB; rollback on``."""
+        """``limits: memory=1GiB allocations=200MB; rollback on``."""
         state = "on" if self.runner.rollback else "off"
-        return f"limits: {self.runner.limits.describe()}; rollback {state}"
+        return f"limits: {self.limits_text()}; rollback {state}"
 
     def _cmd_limits(self, arg: str) -> CellStatus:
         if arg:

@@ -37,13 +37,15 @@ def format_seconds(seconds: float) -> str:
 def toolbar_text(session: Session) -> str:
     """The toolbar's line: memory now, the session limits, the last cell::
 
-         RSS 52.3 MiB | limits: memory=1.0 GiB | last [3]: 1.2 MiB in 0.004 s
+         RSS 52.3 MiB | limits: memory=1GiB | last [3]: 1.2 MiB in 0.004 s
+
+    (``memory=18.8 GiB (default)`` for the safe default memory limit.)
 
     ``rollback off`` is added when rollback is off; an interrupted last cell
     shows its reason (``allocation limit``, ``memory limit``,
     ``interrupted``) with what it allocated and how long it ran.
     """
-    limits = f"limits: {session.runner.limits.describe()}"
+    limits = f"limits: {session.limits_text(short=True)}"
     if not session.runner.rollback:
         limits += "; rollback off"
     parts = [f"RSS {ml.format_bytes(current_rss_bytes())}", limits]

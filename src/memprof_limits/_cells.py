@@ -341,6 +341,10 @@ class Cell:
             message = display_name(exc)
         else:
             message = _describe_scope(scope)
+        if scope.reason == "memory" and self.limits.memory_text and self.limits.memory:
+            # The limit as the user wrote it (400MB, not 381.5 MiB).
+            written = f"limit of {self.limits.memory_text}"
+            message = message.replace(f"limit of {format_bytes(self.limits.memory)}", written, 1)
         if self._completed:
             outcome.interrupted_after_completion = True
             outcome.late_message = message

@@ -176,7 +176,7 @@ def test_limits_and_rollback_through_the_prompt(
     assert "rolled back: x (changed)" in capsys.readouterr().err
     toolbar = toolbar_text(s)
     assert toolbar.startswith(" RSS ") and "MiB" in toolbar.split("|")[0]
-    assert "| limits: allocations=9.5 MiB |" in toolbar
+    assert "| limits: allocations=10MB |" in toolbar
     assert "| last [2]: allocation limit after 9.5 MiB, " in toolbar
 
 

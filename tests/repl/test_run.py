@@ -22,6 +22,11 @@ from memprof_limits_repl import (
 )
 from repl_helpers import REPL, run_cli
 
+import memprof_limits as ml
+from memprof_limits._defaults import default_memory_limit
+
+DEFAULT = default_memory_limit()
+
 SCRIPT = textwrap.dedent(
     """\
     import sys, time
@@ -91,7 +96,7 @@ def test_memory_limit_exits_4_with_a_reason(script: Path, repl_env: dict[str, st
     assert "finally ran" in proc.stdout and "done" not in proc.stdout
     match = re.fullmatch(
         r"memprof-limits: .*script\.py stopped after [0-9.]+ s: global memory limit of "
-        r"300\.0 MiB exceeded \(peak resident memory (\d+\.\d) MiB\)",
+        r"300MiB exceeded \(peak resident memory (\d+\.\d) MiB\)",
         one_line_reason(proc.stderr),
     )
     assert match, proc.stderr
@@ -219,7 +224,7 @@ def test_dash_c_runs_one_cell_with_exit_statuses(repl_env: dict[str, str]) -> No
         ["--memory", "300MiB", "-c", "x = [bytearray(2**20) for _ in range(3000)]"], repl_env
     )
     assert memory.returncode == 4
-    assert re.search(r"MemoryLimitExceeded: .*memory limit of 300\.0 MiB exceeded", memory.stderr)
+    assert re.search(r"MemoryLimitExceeded: .*memory limit of 300MiB exceeded", memory.stderr)
     failed = run_cli(["-c", "1 / 0"], repl_env)
     assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
     assert run_cli(["-c", "raise SystemExit(9)"], repl_env).returncode == 9
@@ -250,7 +255,8 @@ def test_cells_from_a_pipe(repl_env: dict[str, str]) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "2",
-        "limits: allocations=9.5 MiB; rollback on",
+        f"limits: memory={ml.format_bytes(DEFAULT.bytes or 0)} (the default memory limit: "
+        f"{DEFAULT.describe()}; %limits memory=off removes it) allocations=10MB; rollback on",
         "loop 0",
         "loop 1",
         "1",
@@ -300,3 +306,135 @@ def test_the_hash_seed_is_not_exported_to_children(
             assert (flag, digest, child_flag) == ("0", seed0, "1"), proc.stdout
         else:
             assert flag == child_flag == "1", proc.stdout
+
+
+# -- issue 13: figures that mean what they say; no limit unless asked --------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "quoted"),
+    [
+        (["run", "script.py", "--allocations", "1", "GB"], "'1 GB'"),
+        (["run", "--allocations", "1", "GB", "script.py"], "'1 GB'"),
+        (["run", "--memory=2", "GiB", "script.py"], "'2 GiB'"),
+        (["--allocations", "1", "GB"], "'1 GB'"),
+        (["--memory", "1.5", "gb", "-c", "pass"], "'1.5 gb'"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_an_unquoted_size_with_a_space_is_refused(
+    argv: list[str], quoted: str, repl_env: dict[str, str]
+) -> None:
+    """``--allocations 1 GB`` used to be a limit of 1 byte (and ``GB`` an argument of
+    the script): refused, saying how to write it."""
+    proc = run_cli(argv, repl_env)
+    assert proc.returncode == EXIT_USAGE, (proc.stdout, proc.stderr)
+    assert "write the size as one argument" in proc.stderr, proc.stderr
+    assert quoted in proc.stderr, proc.stderr
+
+
+def test_a_size_and_a_script_argument_are_not_confused(repl_env: dict[str, str]) -> None:
+    options = parse_run_args(["script.py", "--allocations", "1GB", "MB"])
+    assert options.limits.allocations == 10**9 and options.args == ["MB"]
+    options = parse_run_args(["script.py", "--allocations", "1 GB"])
+    assert options.limits.allocations == 10**9 and options.limits.describe() == "allocations=1 GB"
+
+
+def test_run_sets_argv0_as_given_and_file_absolute(
+    tmp_path: Path, repl_env: dict[str, str]
+) -> None:
+    """As ``python script.py``: ``sys.argv[0]`` as typed, ``__file__`` absolute."""
+    (tmp_path / "show.py").write_text(
+        "import sys, os\nprint(sys.argv[0]); print(__file__); print(__name__)\n"
+        "print(os.path.isabs(__file__))\n"
+    )
+    proc = subprocess.run(
+        [*REPL, "run", "show.py", "x"], cwd=tmp_path, env=repl_env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    python = subprocess.run(
+        [sys.executable, "show.py", "x"], cwd=tmp_path, env=repl_env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == "show.py"
+    assert proc.stdout == python.stdout, (proc.stdout, python.stdout)
+
+
+def test_run_has_no_default_limit_and_says_so(script: Path, repl_env: dict[str, str]) -> None:
+    proc = run_cli(["run", "--help"], repl_env)
+    assert proc.returncode == 0
+    assert "No limit unless asked" in proc.stdout, proc.stdout
+    proc = run_cli(["run", "--report", str(script)], repl_env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_repl_starts_with_the_default_memory_limit(repl_env: dict[str, str]) -> None:
+    env = {k: v for k, v in repl_env.items() if k != "MEMPROF_LIMITS"}
+    proc = run_cli([], env, stdin="%limits\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        f"limits: memory={ml.format_bytes(DEFAULT.bytes or 0)} (the default memory limit: "
+        f"{DEFAULT.describe()}; %limits memory=off removes it); rollback on\n"
+    ), proc.stdout
+    proc = run_cli(["-c", "import sys; print(sys.flags.hash_randomization)"], env)
+    assert proc.returncode == 0, proc.stderr
+    for spec, shown in [
+        ("memory=off", "limits: no limits; rollback on"),
+        ("allocations=5MB", "allocations=5MB; rollback on"),
+    ]:
+        proc = run_cli([], {**env, "MEMPROF_LIMITS": spec}, stdin="%limits\n")
+        assert proc.stdout.rstrip("\n").endswith(shown), (spec, proc.stdout)
+    proc = run_cli(["--memory", "off"], env, stdin="%limits\n")
+    assert proc.stdout == "limits: no limits; rollback on\n", proc.stdout
+    proc = run_cli([], {**env, "MEMPROF_LIMITS": "memory=lots"}, stdin="%limits\n")
+    assert "ignoring MEMPROF_LIMITS='memory=lots'" in proc.stderr, proc.stderr
+    assert "(the default memory limit: " in proc.stdout
+
+
+RUNAWAY = (
+    "if True:\n"
+    "    state = 'changed'\n"
+    "    blocks = []\n"
+    "    while len(blocks) < 8192:\n"  # 8 GiB if nothing stops it
+    "        blocks.append(bytearray(2**20))\n"
+    "\nprint(state, 'blocks' in globals())\nprint(sum(range(10)))\n"
+)
+
+
+def _runaway_is_stopped(proc: subprocess.CompletedProcess[str], limit: str) -> None:
+    assert proc.returncode == 0, proc.stderr
+    assert f"MemoryLimitExceeded: global memory limit of {limit} exceeded" in proc.stderr, (
+        proc.stderr
+    )
+    assert "rolled back: blocks (added), state (changed)" in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["kept False", "45"], proc.stdout
+
+
+def test_a_repl_with_a_small_configured_budget_stops_a_runaway_cell(
+    repl_env: dict[str, str],
+) -> None:
+    env = {**repl_env, "MEMPROF_LIMITS": "memory=400MB"}
+    proc = run_cli([], env, stdin="state = 'kept'\n" + RUNAWAY)
+    _runaway_is_stopped(proc, "400MB")
+
+
+def test_a_repl_in_a_small_cgroup_stops_a_runaway_cell(repl_env: dict[str, str]) -> None:
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "kernel" / "cgroup_helpers.py"
+    spec = importlib.util.spec_from_file_location("_cgroup_helpers", path)
+    assert spec is not None and spec.loader is not None
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    env = {k: v for k, v in repl_env.items() if k != "MEMPROF_LIMITS"}
+    with helpers.memory_cgroup(768 * 2**20) as cgroup:
+        if cgroup is None:
+            pytest.skip("cannot make a memory cgroup here (not root, or no memory controller)")
+        proc = subprocess.run(
+            helpers.enter_command(cgroup, [*REPL]),
+            input="%limits\nstate = 'kept'\n" + RUNAWAY,
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert "80% of 768.0 MiB, the cgroup limit of " in proc.stdout, proc.stdout
+    _runaway_is_stopped(proc, ml.format_bytes(int(768 * 2**20 * 0.8)))
