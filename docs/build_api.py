@@ -24,7 +24,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "api.md"
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "kernel"), str(ROOT / "repl")]
+# The checkout's packages first -- but src/ only where its native sampler is built
+# (an editable install, or an in-place build): after `pip install .` the
+# compiled module lives in site-packages only, and importing src/ without it fails.
+_BUILT = any((ROOT / "src" / "memprof_limits").glob(f"_native.{sys.implementation.cache_tag}*"))
+sys.path[:0] = [str(ROOT / "src")] * _BUILT + [str(ROOT / "kernel"), str(ROOT / "repl")]
 
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Limits", "Run a task under a limit; `Ok` or `Error`.", [

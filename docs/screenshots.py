@@ -136,6 +136,13 @@ def jupyterlab() -> None:
 
 def main(argv: list[str]) -> int:
     which = argv or ["repl", "jupyterlab"]
+    needed = {"repl": ["tmux", "aha"], "jupyterlab": ["chromium"]}
+    missing = sorted({p for n in which for p in needed.get(n, []) if shutil.which(p) is None})
+    if missing:
+        sys.exit(
+            f"docs/screenshots.py needs the programs {', '.join(missing)}: on Debian, "
+            f"apt-get install {' '.join(missing)} (and python3 -m pip install playwright)"
+        )
     IMG.mkdir(parents=True, exist_ok=True)
     for name in which:
         {"repl": repl, "jupyterlab": jupyterlab}[name]()

@@ -1434,10 +1434,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="notebooks to build (name prefixes; default all)")
     parser.add_argument("--no-execute", action="store_true", help="write the sources only")
+    parser.add_argument(
+        "--allow-missing-figures",
+        action="store_true",
+        help="execute without matplotlib (notebooks 05 and 06 then print tables)",
+    )
     args = parser.parse_args(argv)
     names = [n for n in NOTEBOOKS if not args.names or any(n.startswith(p) for p in args.names)]
     if not names:
         parser.error(f"no notebook matches {args.names}; known: {', '.join(NOTEBOOKS)}")
+    if not args.no_execute and not args.allow_missing_figures:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error(
+                "the figures of notebooks 05 and 06 need matplotlib, which the kernel of this "
+                "interpreter cannot import: python3 -m pip install matplotlib (or "
+                "--allow-missing-figures to write them with tables instead)"
+            )
     with contextlib.ExitStack() as stack:
         if not args.no_execute:
             stack.enter_context(kernelspec())

@@ -10,7 +10,8 @@
 #   the first version. Debian packages the tests need are installed first when missing.
 #
 # Options (anything else, and everything after `--`, goes to pytest):
-#   --quick          only the first version, no CPython regression tests (for developers)
+#   --quick          only the first version, no `slow`-marked tests, no CPython regression
+#                    tests (for developers)
 #   --skip-lint      no ruff/mypy                 --skip-regrtest   no CPython regression tests
 #   --build-only     only install (apt + venvs); no lint, no tests
 #   --lint-only      only install the first version, then ruff and mypy
@@ -58,6 +59,10 @@ while (($#)); do
     shift
 done
 ((QUICK || LINT_ONLY)) && SKIP_REGRTEST=1
+# --quick leaves out the tests marked `slow` (pyproject.toml), unless a -m of yours selects.
+if ((QUICK)) && [[ ! " ${PYTEST_ARGS[*]-} " =~ " -m " ]]; then
+    PYTEST_ARGS=(-m "not slow" "${PYTEST_ARGS[@]}")
+fi
 
 LOGDIR=$ROOT/.venvs/logs
 mkdir -p "$LOGDIR"

@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as e:  # the [repl] extra is not installed
             print(
                 f"memprof-limits: {e}; using a simple prompt "
-                "(pip install 'memprof-limits[repl]' for the full REPL)",
+                "(python3 -m pip install '.[repl]' in a checkout for the full REPL)",
                 file=sys.stderr,
             )
         else:
