@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 try:
-    import matplotlib  # noqa: E402
+    import matplotlib
 except ImportError:
     sys.exit(
         "docs/plots/make_plots.py needs matplotlib, which the library does not depend on: "

@@ -101,12 +101,12 @@ class DefaultMemoryLimit:
     notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        """``80% of the physical memory (MemTotal, 23.5 GiB)``, or why there
+        """``80% of 23.5 GiB, the physical memory (MemTotal)``, or why there
         is no default."""
         if self.bytes is None or self.basis is None:
             why = "; ".join(self.notes) or "the memory size is unknown"
             return f"no default memory limit ({why})"
-        return f"{round(FRACTION * 100)}% of {self.source} ({format_bytes(self.basis)})"
+        return f"{round(FRACTION * 100)}% of {format_bytes(self.basis)}, {self.source}"
 
 
 def _read(path: str) -> str | None:
@@ -260,9 +260,7 @@ def is_default_memory(limits: CellLimits, default: DefaultMemoryLimit) -> bool:
     """Whether the memory limit of ``limits`` is ``default``'s (not one a
     user wrote)."""
     return (
-        default.bytes is not None
-        and limits.memory == default.bytes
-        and limits.memory_text is None
+        default.bytes is not None and limits.memory == default.bytes and limits.memory_text is None
     )
 
 

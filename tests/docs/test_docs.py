@@ -65,3 +65,70 @@ def test_relative_links_resolve(page: Path) -> None:
         elif anchor and resolved.name == "api.md" and f'<a id="{anchor}"></a>' not in api:
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+# -- examples of the docs, executed -----------------------------------------------------------
+
+_SESSION = re.compile(
+    r"```text\n(In \[1\]: .*?)```", re.S
+)  # an IPython-like transcript: In [n]: cells, their output lines, Out [n]: values
+
+
+def _transcript(block: str) -> list[tuple[str, list[str]]]:
+    """``[(cell source, expected output lines)]`` of an ``In [n]:`` transcript."""
+    cells: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        m = re.match(r"In \[\d+\]: (.*)", line)
+        if m:
+            cells.append((m.group(1), []))
+        elif line.startswith("        ") and cells and not cells[-1][1]:
+            cells[-1] = (cells[-1][0] + "\n" + line[8:], [])
+        elif line.strip():
+            cells[-1][1].append(re.sub(r"^Out\[\d+\]: ", "", line))
+    return cells
+
+
+def test_the_opening_example_of_kernel_md_runs_as_shown(tmp_path: Path) -> None:
+    pytest.importorskip("ipykernel")
+
+    m = _SESSION.search((ROOT / "docs" / "kernel.md").read_text())
+    assert m, "docs/kernel.md: no In [1]: transcript"
+    cells = _transcript(m.group(1))
+    assert len(cells) == 3, cells
+    # Our kernel, whatever kernelspecs are installed: a spec for this interpreter.
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+    from memprof_limits_kernel.install import write_kernel_spec
+
+    write_kernel_spec(tmp_path / "memprof-limits", executable=sys.executable)
+    specs = KernelSpecManager(kernel_dirs=[str(tmp_path)])
+    km = KernelManager(kernel_name="memprof-limits", kernel_spec_manager=specs)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        for source, expected in cells:
+            msg_id = kc.execute(source)
+            shown: list[str] = []
+            while True:
+                msg = kc.get_iopub_msg(timeout=60)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "error":
+                    shown.append(f"{content['ename']}: {content['evalue']}")
+                elif kind == "execute_result":
+                    shown.append(content["data"]["text/plain"])
+                elif kind == "stream":
+                    shown += content["text"].splitlines()
+                elif kind == "status" and content["execution_state"] == "idle":
+                    break
+            assert len(shown) == len(expected), (source, shown, expected)
+            for got, want in zip(shown, expected, strict=True):
+                # The exact count of bytes allocated may differ a little between versions.
+                pattern = re.escape(want).replace(r"\(10326908\ bytes", r"\(\d+\ bytes")
+                assert re.fullmatch(pattern, got), (source, got, want)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
