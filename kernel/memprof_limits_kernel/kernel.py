@@ -66,7 +66,10 @@ The solution
   control message arrives during a cell until it is handled, then restored
   (unless the cell changed it meanwhile).  Measured interrupt -> reply for a
   busy loop (message mode, 20 runs): median 9 ms / p90 13 ms, against
-  9.5 / 11 ms with 0.001 throughout and 14 / 25 ms with 0.005 throughout.
+  9.5 / 11 ms with 0.001 throughout and 14 / 25 ms with 0.005 throughout
+  (CPython 3.11).  Known failure: on 3.13 it gives 16 ms against 10 ms with
+  0.001 throughout -- most of the wait is before our first Python code runs
+  on the Control thread (the event loop's own GIL acquisitions).
 
 Known failure cases
 -------------------
