@@ -410,6 +410,44 @@ static PyObject *b_after_fork_child(PyObject *mod, PyObject *unused)
     return ml_py_after_fork ? PyObject_CallNoArgs(ml_py_after_fork) : Py_NewRef(Py_None);
 }
 
+/* Cyclic garbage collections run masked: finalizers (__del__, weakref
+ * callbacks) and gc.callbacks run by the collector are not interrupted (an
+ * exception there is only printed, and the unraisable hook that prints it
+ * is Python code that would be interrupted in turn).  _delivery keeps
+ * gc_first at the head of gc.callbacks and gc_last at its tail: CPython calls
+ * them in list order, for "start" and for "stop".  ctl->gc_masked says the
+ * region is open, so that a missing "stop" (our tail removed during the
+ * collection) cannot unbalance the depth. */
+static int phase_is(PyObject *phase, const char *name)
+{
+    return PyUnicode_Check(phase) && PyUnicode_CompareWithASCIIString(phase, name) == 0;
+}
+
+static PyObject *b_gc_first(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    ml_ctl_t *ctl = ml_get_ctl();
+    if (ctl != NULL && nargs >= 1 && !ctl->gc_masked && phase_is(args[0], "start")) {
+        PyObject *other = NULL;
+        ctl->gc_masked = 1;
+        mask_enter(ctl, &other);
+        if (other != NULL) {  /* a foreign asynchronous exception: keep it visible */
+            PyErr_SetRaisedException(other);
+            return NULL;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *b_gc_last(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    ml_ctl_t *ctl = ml_get_ctl();
+    if (ctl != NULL && nargs >= 1 && ctl->gc_masked && phase_is(args[0], "stop")) {
+        ctl->gc_masked = 0;
+        mask_exit(ctl, 0, NULL);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef g_builtins[] = {
     {"masked_call", (PyCFunction)(void (*)(void))b_masked_call, METH_FASTCALL,
      "masked_call(fn, *args): fn(*args) with interrupts deferred until it returns."},
@@ -422,6 +460,10 @@ static PyMethodDef g_builtins[] = {
     {"wrap_signal_handler", b_wrap_signal_handler, METH_O,
      "The handler, run to completion (masked), deferred while masked."},
     {"after_fork_child", b_after_fork_child, METH_NOARGS, "Reset in a forked child."},
+    {"gc_first", (PyCFunction)(void (*)(void))b_gc_first, METH_FASTCALL,
+     "gc.callbacks head: a collection starts masked."},
+    {"gc_last", (PyCFunction)(void (*)(void))b_gc_last, METH_FASTCALL,
+     "gc.callbacks tail: the masked collection ends."},
     {NULL, NULL, 0, NULL},
 };
 

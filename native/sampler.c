@@ -31,13 +31,16 @@
  * Per thread (initial-exec TLS, one `sub` and one `js` on the fast path):
  *     countdown = min(next_sample, budget_end) - allocated
  * Every hooked allocation of n bytes does `countdown -= n`; only when it goes
- * below zero does slow_path() run: it records the samples that fell into the
- * allocation (geometric gaps of mean 1/rate bytes, per-thread seeded RNG),
- * notices the end of the allocation budget, reads the RSS for the global
- * limit (at most once per 1/DEFAULT_RATE bytes), and, when an interrupt is
- * wanted and the thread is not masked, arms it on the *current* thread
- * without taking any lock (arm_current_thread, the one version-specific
- * place).  Exact count at any time: consumed + period - countdown.
+ * below zero (or for a block of 1 MiB or more) does slow_path() run: it
+ * records the samples that fell into the allocation (geometric gaps of mean
+ * 1/rate bytes, per-thread seeded RNG), notices the end of the allocation
+ * budget, reads the RSS for the global limit (at most once per 1/DEFAULT_RATE
+ * bytes, and at every big block: RSS + block, as its pages are not touched
+ * yet), and, when an interrupt is wanted, the thread is not masked and not
+ * already handling that cause, arms it on the *current* thread without
+ * taking any lock (arm_current_thread, the one version-specific place).
+ * Exact count at any time: consumed + period - countdown.  The masked
+ * regions, which call Python, live in masking.c. 
  *
  * RAW hooks run without the GIL: they count (with a per-thread reentrancy
  * guard so that pymalloc's fall-back to RAW for blocks > 512 bytes is not

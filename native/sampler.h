@@ -54,6 +54,9 @@ typedef struct {
      * 3.12+, C levels), taken back when it ends.  Owner, GIL. */
     int64_t headroom_py;
     int64_t headroom_c;
+    /* 1 while a cyclic collection runs masked on the owner thread (see
+     * masking.c, gc_first/gc_last).  Owner, GIL. */
+    int64_t gc_masked;
 } ml_ctl_t;
 
 /* Engine life cycle (take the GIL internally). */

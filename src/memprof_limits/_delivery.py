@@ -44,6 +44,11 @@ The solution
   task on the main thread installs our handler again.
 - In a child created by ``os.fork`` the watchdog and the list of active
   tasks start empty (the parent's threads do not exist there).
+- Cyclic garbage collections run masked (two builtins at the head and the
+  tail of ``gc.callbacks``, kept there at each task start): an interrupt
+  delivered in a finalizer or a gc callback is only printed by CPython, and
+  the unraisable hook that prints it is Python code that a re-delivery would
+  interrupt in turn.  Deferred, the interrupt lands after the collection.
 
 Known failure cases
 -------------------
@@ -61,6 +66,8 @@ Known failure cases
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import signal
 import sys
 import threading
@@ -152,9 +159,24 @@ def _ours() -> bool:
     return _signals.unwrap(signal.getsignal(INTERRUPT_SIGNAL)) is _on_interrupt_signal
 
 
+def _guard_collections() -> None:
+    """Keep ``gc_first`` at the head of ``gc.callbacks`` and ``gc_last`` at its
+    tail: a cyclic collection (its finalizers and callbacks) runs masked."""
+    callbacks = gc.callbacks
+    if not callbacks or callbacks[0] is not _sampler.gc_first:
+        with contextlib.suppress(ValueError):
+            callbacks.remove(_sampler.gc_first)
+        callbacks.insert(0, _sampler.gc_first)
+    if callbacks[-1] is not _sampler.gc_last:
+        with contextlib.suppress(ValueError):
+            callbacks.remove(_sampler.gc_last)
+        callbacks.append(_sampler.gc_last)
+
+
 def activate(st: ThreadState) -> None:
     """Called (masked) when ``st`` opens its outermost scope."""
     global _watchdog, _handler_installed
+    _guard_collections()
     if st.is_main:
         current = signal.getsignal(INTERRUPT_SIGNAL)
         if not _handler_installed or current in (signal.SIG_DFL, signal.SIG_IGN, None):

@@ -97,6 +97,8 @@ _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py,
     _tramp_exit,
     wrap_signal_handler,
     _after_fork_child,
+    gc_first,
+    gc_last,
 ) = _fn("ml_builtins", _py)()
 _instancemethod = ctypes.pythonapi.PyInstanceMethod_New
 _instancemethod.argtypes = [_py]
