@@ -135,7 +135,7 @@ def test_default_limits_from_the_environment() -> None:
     k = Kernel(MESSAGE, env=env)
     try:
         r = k.ok("%limits")
-        assert "allocations=4.8 MiB" in r.stdout and "report after each cell: on" in r.stdout
+        assert "allocations=5MB" in r.stdout and "report after each cell: on" in r.stdout
         r = k.run("data = [str(i) for i in range(10**6)]")
         assert r.status == "error" and r.content["ename"] == "AllocationLimitExceeded"
         assert "[memprof-limits] allocated" in r.stdout
