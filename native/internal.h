@@ -50,6 +50,8 @@ int ml_arm_current(ml_ctl_t *ctl, int64_t pending);
 int ml_arm_current_ignoring(ml_ctl_t *ctl, int64_t pending, PyObject *ignore);
 /* The current thread's async exception, if one is armed (GIL held). */
 PyObject *ml_armed_exception(void);
+/* Disarm it: the armed class (a new reference), or NULL. */
+PyObject *ml_take_armed_exception(void);
 
 /* masking.c: the [GIL] builtins, as a tuple, for _sampler.py. */
 PyAPI_FUNC(PyObject *) ml_builtins(void);

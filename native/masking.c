@@ -76,21 +76,34 @@ static int is_interrupt(PyObject *exc)
     return exc != NULL && ml_exc_base != NULL && PyObject_TypeCheck(exc, (PyTypeObject *)ml_exc_base);
 }
 
-/* Append `exc` (owned) to *chain: *chain becomes exc, its context the old
- * chain (the later exception happened while the earlier was pending). */
+/* Append `exc` (owned) to *chain: *chain becomes exc, with the old chain at
+ * the end of exc's context chain (the later exception happened while the
+ * earlier was pending).  Nothing is dropped; a cycle is never made. */
 static void chain_other(PyObject **chain, PyObject *exc)
 {
     if (exc == NULL) return;
-    if (*chain != NULL && *chain != exc) {
-        if (PyException_GetContext(exc) == NULL) {
-            PyException_SetContext(exc, *chain);   /* steals */
-        } else {
-            Py_DECREF(*chain);
-        }
-    } else {
-        Py_XDECREF(*chain);
-    }
+    PyObject *old = *chain;
     *chain = exc;
+    if (old == NULL || old == exc) {
+        Py_XDECREF(old);
+        return;
+    }
+    /* Walk exc's context chain (bounded); stop if old is already in it. */
+    PyObject *tail = exc;
+    Py_INCREF(tail);
+    for (int i = 0; i < 100; i++) {
+        PyObject *ctx = PyException_GetContext(tail);   /* new reference or NULL */
+        if (ctx == NULL) break;
+        Py_DECREF(tail);
+        if (ctx == old) {  /* already chained */
+            Py_DECREF(ctx);
+            Py_DECREF(old);
+            return;
+        }
+        tail = ctx;
+    }
+    PyException_SetContext(tail, old);   /* steals old */
+    Py_DECREF(tail);
 }
 
 /* The version-specific recursion counters (cpython/pystate.h). */
@@ -144,6 +157,70 @@ static void mask_enter(ml_ctl_t *ctl, PyObject **other)
             chain_other(other, exc);
         }
     }
+    /* Still armed (3.11/3.12: another thread's delivery cleared the
+     * interpreter-wide flag, so no call delivers it): take it out here. */
+    PyObject *cls = ml_take_armed_exception();
+    if (cls != NULL) {
+        if (PyType_Check(cls) && PyType_IsSubtype((PyTypeObject *)cls,
+                                                  (PyTypeObject *)ml_exc_base)) {
+            ctl->deferred++;
+        } else {
+            PyObject *exc = PyExceptionClass_Check(cls) ? PyObject_CallNoArgs(cls) : NULL;
+            if (exc == NULL) exc = PyErr_GetRaisedException();
+            chain_other(other, exc);
+        }
+        Py_DECREF(cls);
+    }
+}
+
+/* Signals deferred while masked (ctl->deferred_signals, bit n-1 for signal
+ * n) run at the next eval-breaker check after the region, through a pending
+ * call that calls their installed handler -- the wrapper, which runs it
+ * masked -- fetched with the builtin _signal.getsignal (no Python frame for
+ * an armed interrupt to land in first).  Not PyErr_SetInterruptEx: that
+ * writes the set_wakeup_fd a second time, and asyncio would run its
+ * add_signal_handler callback twice. */
+static uint64_t g_signals_to_run;   /* main thread, GIL */
+static PyObject *g_getsignal;       /* _signal.getsignal; GIL, set once */
+
+static int run_deferred_signals(void *unused)
+{
+    if (g_getsignal == NULL) {
+        PyObject *mod = PyImport_ImportModule("_signal");
+        g_getsignal = mod ? PyObject_GetAttrString(mod, "getsignal") : NULL;
+        Py_XDECREF(mod);
+        if (g_getsignal == NULL) return -1;
+    }
+    while (g_signals_to_run != 0) {
+        int sig = __builtin_ctzll(g_signals_to_run) + 1;
+        g_signals_to_run &= g_signals_to_run - 1;
+        PyObject *handler = PyObject_CallFunction(g_getsignal, "i", sig);
+        if (handler == NULL) return -1;
+        PyObject *r = PyCallable_Check(handler)
+                          ? PyObject_CallFunction(handler, "iO", sig, Py_None)
+                          : Py_NewRef(Py_None);   /* SIG_DFL/SIG_IGN by now: as CPython */
+        Py_DECREF(handler);
+        if (r == NULL) {   /* a handler raised: the others run at the next check */
+            if (g_signals_to_run) Py_AddPendingCall(run_deferred_signals, NULL);
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+static void schedule_deferred_signals(ml_ctl_t *ctl)
+{
+    uint64_t sigs = ctl->deferred_signals;
+    ctl->deferred_signals = 0;
+    int was_empty = g_signals_to_run == 0;
+    g_signals_to_run |= sigs;
+    if (was_empty && Py_AddPendingCall(run_deferred_signals, NULL) < 0) {
+        /* The queue is full: trip them again instead. */
+        g_signals_to_run = 0;
+        for (int sig = 1; sig <= 64; sig++)
+            if (sigs & ((uint64_t)1 << (sig - 1))) PyErr_SetInterruptEx(sig);
+    }
 }
 
 /* Leave it.  On the outermost exit: headroom back, deferred signals
@@ -156,14 +233,7 @@ static void mask_exit(ml_ctl_t *ctl, int propagating, PyObject *ignore)
 {
     if (--ctl->mask_depth > 0) return;
     take_headroom_back(ctl);
-    uint64_t sigs = ctl->deferred_signals;
-    ctl->deferred_signals = 0;
-    for (int sig = 1; sigs != 0 && sig < 64; sig++) {
-        if (sigs & ((uint64_t)1 << sig)) {
-            sigs &= ~((uint64_t)1 << sig);
-            PyErr_SetInterruptEx(sig);
-        }
-    }
+    if (ctl->deferred_signals != 0) schedule_deferred_signals(ctl);
     if (ctl->active > 0 && !propagating) {
         int64_t pending = ml_effective_pending(ctl);
         if (pending) ml_arm_current_ignoring(ctl, pending, ignore);
@@ -347,8 +417,8 @@ static PyObject *b_signal_handler(PyObject *handler, PyObject *const *args, Py_s
     if (ctl == NULL) return PyObject_Vectorcall(handler, args, (size_t)nargs, NULL);
     if (ctl->mask_depth > 0 && nargs >= 1) {
         long sig = PyLong_AsLong(args[0]);
-        if (sig > 0 && sig < 64) {
-            ctl->deferred_signals |= (uint64_t)1 << sig;
+        if (sig >= 1 && sig <= 64) {
+            ctl->deferred_signals |= (uint64_t)1 << (sig - 1);
             Py_RETURN_NONE;
         }
         PyErr_Clear();
@@ -423,9 +493,35 @@ static int phase_is(PyObject *phase, const char *name)
     return PyUnicode_Check(phase) && PyUnicode_CompareWithASCIIString(phase, name) == 0;
 }
 
+static PyObject *g_gc_last;   /* the gc_last builtin (GIL; set once) */
+
+/* Whether gc_last is at the tail of gc.callbacks, where it will end the
+ * region at "stop". */
+static int gc_last_at_tail(void)
+{
+    PyObject *name = PyUnicode_InternFromString("gc");
+    PyObject *gc = name ? PyImport_GetModule(name) : NULL;
+    Py_XDECREF(name);
+    PyObject *cbs = gc ? PyObject_GetAttrString(gc, "callbacks") : NULL;
+    Py_XDECREF(gc);
+    if (cbs == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_ssize_t n = PyList_Check(cbs) ? PyList_GET_SIZE(cbs) : 0;
+    int at_tail = n > 0 && PyList_GET_ITEM(cbs, n - 1) == g_gc_last;
+    Py_DECREF(cbs);
+    return at_tail;
+}
+
 static PyObject *b_gc_first(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     ml_ctl_t *ctl = ml_get_ctl();
+    if (ctl != NULL && nargs >= 2 && ctl->gc_masked && phase_is(args[0], "stop") &&
+        !gc_last_at_tail()) {
+        ctl->gc_masked = 0;
+        mask_exit(ctl, 0, NULL);
+    }
     if (ctl != NULL && nargs >= 1 && !ctl->gc_masked && phase_is(args[0], "start")) {
         PyObject *other = NULL;
         ctl->gc_masked = 1;
@@ -448,6 +544,20 @@ static PyObject *b_gc_last(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
+/* take_deferred_signals() -> int: the signals deferred so far in the current
+ * masked region (bit n-1: signal n), forgotten: the caller runs them now (a
+ * SafeMutex waiting masked, so that Ctrl+C can stop the wait). */
+static PyObject *b_take_deferred_signals(PyObject *mod, PyObject *unused)
+{
+    ml_ctl_t *ctl = ml_get_ctl();
+    uint64_t sigs = 0;
+    if (ctl != NULL) {
+        sigs = ctl->deferred_signals;
+        ctl->deferred_signals = 0;
+    }
+    return PyLong_FromUnsignedLongLong(sigs);
+}
+
 static PyMethodDef g_builtins[] = {
     {"masked_call", (PyCFunction)(void (*)(void))b_masked_call, METH_FASTCALL,
      "masked_call(fn, *args): fn(*args) with interrupts deferred until it returns."},
@@ -464,6 +574,8 @@ static PyMethodDef g_builtins[] = {
      "gc.callbacks head: a collection starts masked."},
     {"gc_last", (PyCFunction)(void (*)(void))b_gc_last, METH_FASTCALL,
      "gc.callbacks tail: the masked collection ends."},
+    {"take_deferred_signals", b_take_deferred_signals, METH_NOARGS,
+     "The signals deferred in this masked region, forgotten (bit n-1: signal n)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -480,6 +592,8 @@ PyAPI_FUNC(PyObject *) ml_builtins(void)
             Py_DECREF(t);
             return NULL;
         }
+        if (g_builtins[i].ml_meth == (PyCFunction)(void (*)(void))b_gc_last && g_gc_last == NULL)
+            g_gc_last = Py_NewRef(f);
         PyTuple_SET_ITEM(t, i, f);
     }
     return t;

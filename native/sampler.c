@@ -355,6 +355,21 @@ PyObject *ml_armed_exception(void)
 #endif
 }
 
+PyObject *ml_take_armed_exception(void)
+{
+    PyThreadState *ts = current_tstate();
+    if (ts == NULL) return NULL;
+#if PY_VERSION_HEX >= 0x030D0000
+    return __atomic_exchange_n(&ts->async_exc, NULL, __ATOMIC_SEQ_CST);
+#else
+    /* Reached when no call delivered it: another thread's delivery already
+     * cleared the interpreter-wide flag, so there is nothing to unsignal. */
+    PyObject *exc = ts->async_exc;
+    ts->async_exc = NULL;
+    return exc;
+#endif
+}
+
 static int arm_current_thread(ml_ctl_t *ctl, int64_t pending, PyObject *ignore)
 {
     PyObject *cls = ml_class_for(pending);
@@ -387,7 +402,7 @@ int ml_arm_current_ignoring(ml_ctl_t *ctl, int64_t pending, PyObject *ignore)
 /* ------------------------------------------------------------------------ */
 /* The slow path: runs when the countdown went below zero, or for a block of
  * ML_BIG_ALLOC bytes or more. */
-static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain)
+static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain, int fresh)
 {
     ml_tls_t *t = &T;
     int gil_held = domain != ML_DOMAIN_RAW;
@@ -416,7 +431,8 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
     }
     int64_t limit = g_global_limit;
     int watched = ctl && ctl->watch_global > 0 && limit >= 0;
-    int big = n >= ML_BIG_ALLOC;
+    /* A new block (not a realloc, whose old pages are already resident). */
+    int big = fresh && n >= ML_BIG_ALLOC;
     if ((watched || g_track_rss) &&
         (big || (sampled && allocated - t->last_rss_check >= g_rss_interval))) {
         t->last_rss_check = allocated;
@@ -454,7 +470,13 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
     do {                                                                        \
         if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0) ||           \
             __builtin_expect((int64_t)(n) >= ML_BIG_ALLOC, 0))                  \
-            slow_path((p), (int64_t)(n), (domain));                             \
+            slow_path((p), (int64_t)(n), (domain), 1);                          \
+    } while (0)
+/* realloc: counted, sampled, but not checked as a new big block. */
+#define ML_COUNT_REALLOC(p, n, domain)                                          \
+    do {                                                                        \
+        if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0))             \
+            slow_path((p), (int64_t)(n), (domain), 0);                          \
     } while (0)
 
 /* ------------------------------------------------------------------------ */
@@ -554,7 +576,7 @@ static void *h_obj_realloc(void *ctx, void *ptr, size_t n)
     if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
     void *p = g_orig_obj.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT(p, n, ML_DOMAIN_OBJ);
+    if (p) ML_COUNT_REALLOC(p, n, ML_DOMAIN_OBJ);
     return p;
 }
 static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
@@ -563,7 +585,7 @@ static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
     if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
     void *p = g_orig_mem.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT(p, n, ML_DOMAIN_MEM);
+    if (p) ML_COUNT_REALLOC(p, n, ML_DOMAIN_MEM);
     return p;
 }
 static void *__attribute__((noinline)) raw_malloc_slow(void *ctx, size_t n)
@@ -602,7 +624,7 @@ static void *h_raw_realloc(void *ctx, void *ptr, size_t n)
 {
     if (ml_memprof_track_frees && ptr && !T.reentrant) ml_memprof_on_free(ptr);
     void *p = g_orig_raw.realloc(ctx, ptr, n);
-    if (p && !T.reentrant) ML_COUNT(p, n, ML_DOMAIN_RAW);
+    if (p && !T.reentrant) ML_COUNT_REALLOC(p, n, ML_DOMAIN_RAW);
     return p;
 }
 
@@ -656,7 +678,7 @@ static void *np_realloc(void *ctx, void *ptr, size_t n)
     T.reentrant++;
     void *p = g_np_orig.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT(p, n, ML_DOMAIN_RAW);
+    if (p) ML_COUNT_REALLOC(p, n, ML_DOMAIN_RAW);
     return p;
 }
 

@@ -35,14 +35,17 @@ def stop() -> None:
     False
     >>> ml.start()
     """
-    running = _delivery.running_tasks()
-    if running:
-        raise RuntimeError(
-            f"memprof_limits.stop(): {running} thread(s) are running tasks under limits; "
-            "stopping the engine now would let them run past their limits -- stop it "
-            "after they end"
+
+    def refuse() -> str | None:
+        running = _delivery.running_tasks()
+        if not running:
+            return None
+        return (
+            f"{running} thread(s) are running tasks under limits; stopping the engine "
+            "now would let them run past their limits -- stop it after they end"
         )
-    _sampler.stop()
+
+    _sampler.stop(refuse)
 
 
 def is_started() -> bool:

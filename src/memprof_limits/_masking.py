@@ -40,7 +40,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from . import _sampler
+from . import _sampler, _signals
 from ._delivery import exception_class
 from ._exceptions import Interrupted, PoisonedError
 from ._scope import is_interrupted
@@ -242,16 +242,27 @@ class SafeMutex:
                 "`with mutex:` would wait for itself forever)"
             )
         while not self._lock.acquire(timeout=self._POLL_S):
+            # Masked, signal handlers are deferred: run them here, where nothing
+            # is acquired yet, so that Ctrl+C (or a handler that sets a token)
+            # can end the wait.
+            _signals.run_deferred_now()
             if is_interrupted():
                 raise exception_class(_sampler.thread_state().pending())()
         self._owner = me
 
     def _check_owner(self) -> None:
-        if self._owner != threading.get_ident():
-            raise RuntimeError(
-                "SafeMutex released by a thread that does not hold it: only the thread that "
-                "entered `with mutex:` leaves it"
-            )
+        if self._owner == threading.get_ident():
+            return
+        if self._owner is not None:
+            # Left from another thread (a generator holding it, closed elsewhere):
+            # its holder will never release it, so release it poisoned rather
+            # than leave every later `with mutex:` waiting forever.
+            self._poisoned = True
+            self._release()
+        raise RuntimeError(
+            "SafeMutex released by a thread that does not hold it: only the thread that "
+            "entered `with mutex:` leaves it"
+        )
 
     def _release(self) -> None:
         self._owner = None

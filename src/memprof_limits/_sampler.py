@@ -99,6 +99,7 @@ _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py,
     _after_fork_child,
     gc_first,
     gc_last,
+    take_deferred_signals,
 ) = _fn("ml_builtins", _py)()
 _instancemethod = ctypes.pythonapi.PyInstanceMethod_New
 _instancemethod.argtypes = [_py]
@@ -215,10 +216,21 @@ def _after_fork() -> None:
     marked ``forked``.  (The C side already cleared what its hooks read.)"""
     old: ThreadState | None = getattr(_local, "state", None)
     if old is not None:
+        # The control block stays the thread's: a masked region that forked is
+        # still running on it (its C frames hold it), and must end masked.
+        # The retired state (its scopes are the parent's) gets a blank one.
+        new = ThreadState.__new__(ThreadState)
+        new.ctl, new.address = old.ctl, old.address
+        new.ident = threading.get_ident()
+        new.ctl.thread_id = new.ident
+        new.ctl.active = new.ctl.pending = new.ctl.n_tokens = new.ctl.watch_global = 0
+        new.is_main = threading.current_thread() is threading.main_thread()
+        new.scopes = []
+        new.forked = False
+        old.ctl = ffi.new("ml_ctl_t *")
+        old.address = int(ffi.cast("uintptr_t", old.ctl))
         old.forked = True
-        old.ctl.active = 0
-        old.ctl.pending = 0
-        _local.state = ThreadState()
+        _local.state = new
     for hook in after_fork_hooks:
         hook()
 
@@ -309,9 +321,26 @@ def _patch_numpy() -> None:
         _numpy_patch(get(ctypes.cast(handler, _py).value, b"mem_handler"))
 
 
-def stop() -> None:
-    """Restore the allocators that were in place before :func:`start`."""
+def ensure_started_for_task() -> None:
+    """:func:`ensure_started`, for a task that has just become active: under
+    the life-cycle lock, so that :func:`stop` either ran entirely before (the
+    engine is started again here) or sees the task and refuses."""
     with _lifecycle_lock:
+        if not _c_is_started():
+            rc = _c_start(float(_c_sampling_rate()), 0)
+            if rc and rc != lib.ML_ERR_ALREADY_STARTED:
+                raise RuntimeError(f"memprof_limits.start(): {_ERRORS[rc]}")
+    if "numpy" in sys.modules and not _c_numpy_patched():
+        _patch_numpy()
+
+
+def stop(refuse: Callable[[], str | None] | None = None) -> None:
+    """Restore the allocators that were in place before :func:`start`;
+    ``refuse()`` (under the life-cycle lock) may say why not."""
+    with _lifecycle_lock:
+        reason = refuse() if refuse is not None else None
+        if reason:
+            raise RuntimeError(f"memprof_limits.stop(): {reason}")
         rc = _c_stop()
         if rc and rc != lib.ML_ERR_NOT_STARTED:
             raise RuntimeError(f"memprof_limits.stop(): {_ERRORS[rc]}")

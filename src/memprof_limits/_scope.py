@@ -320,6 +320,10 @@ class LimitScope:
             self._owner = owner
             scopes.append(self)
             ctl.active = active + 1
+            # Now that the thread counts as running a task, a stop() from
+            # another thread either ran entirely before this (the engine is
+            # started again) or refuses: both under the life-cycle lock.
+            _sampler.ensure_started_for_task()
             if self.memory:
                 ctl.watch_global = watch_global + 1
             if token is not None:

@@ -67,7 +67,7 @@ from typing import Any
 
 from . import _sampler
 
-__all__ = ["install", "unwrap", "wrap"]
+__all__ = ["install", "run_deferred_now", "unwrap", "wrap"]
 
 _WRAPPER_NAME = "memprof_limits_signal_handler"
 _original_signal = signal.signal
@@ -122,6 +122,26 @@ def install() -> None:
                 _original_signal(signum, wrap(handler))  # type: ignore[arg-type]
             except (OSError, ValueError, RuntimeError):  # not settable here
                 pass
+
+
+def run_deferred_now() -> None:
+    """From a masked wait that polls (``SafeMutex``): run, now and still
+    masked, the handlers of the signals deferred so far in the region, so
+    that Ctrl+C can end the wait (a raise from one propagates; the others
+    run after the region)."""
+    bits = _sampler.take_deferred_signals()
+    while bits:
+        signum = (bits & -bits).bit_length()
+        bits &= bits - 1
+        handler = unwrap(_original_getsignal(signum))  # type: ignore[arg-type]
+        try:
+            if callable(handler):
+                handler(signum, None)
+        except BaseException:
+            for other in range(1, 65):  # not dropped: deferred again
+                if bits >> (other - 1) & 1:
+                    signal.raise_signal(other)
+            raise
 
 
 _sampler.main_state_hook = install

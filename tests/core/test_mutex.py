@@ -275,8 +275,10 @@ def test_re_entering_it_in_the_holding_thread_raises_at_once() -> None:
 
 
 def test_only_the_holder_can_leave_it() -> None:
-    """Another thread cannot release a ``SafeMutex`` it does not hold (a ``threading.Lock``
-    can be released by anyone): it gets a ``RuntimeError`` and the holder keeps it."""
+    """Another thread leaving a ``SafeMutex`` it does not hold (a generator holding it,
+    closed in another thread) gets a ``RuntimeError``; the mutex is released *poisoned*
+    (its holder will never release it: no thread waits forever, and no thread gets in
+    without repairing the state); the holder's own exit then raises too."""
     m = ml.SafeMutex()
     errors: list[BaseException] = []
 
@@ -286,16 +288,46 @@ def test_only_the_holder_can_leave_it() -> None:
         except BaseException as e:
             errors.append(e)
 
-    with m:
-        t = threading.Thread(target=intruder)
-        t.start()
-        t.join(10)
-        assert m.locked()
+    with pytest.raises(RuntimeError, match="does not hold it"):
+        with m:
+            t = threading.Thread(target=intruder)
+            t.start()
+            t.join(10)
+            assert not m.locked() and m.poisoned
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
     assert "does not hold it" in str(errors[0])
-    assert not m.locked()
-    with pytest.raises(RuntimeError, match="does not hold it"):
-        m.__exit__(None, None, None)  # nobody holds it
+    with pytest.raises(ml.PoisonedError):
+        with m:
+            pass
+    with m.recover():
+        pass
+    with m:
+        assert not m.poisoned
+
+
+def test_a_generator_holding_it_closed_in_another_thread_does_not_deadlock() -> None:
+    """The reviewer's case: the mutex is not left locked forever."""
+    m = ml.SafeMutex()
+
+    def gen() -> Iterator[int]:
+        with m:
+            yield 1
+
+    g = gen()
+    next(g)
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            g.close()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=close)
+    t.start()
+    t.join(10)
+    assert errors and isinstance(errors[0], RuntimeError)
+    assert not m.locked() and m.poisoned
 
 
 def test_contention_under_interrupts_never_deadlocks() -> None:
