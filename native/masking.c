@@ -370,6 +370,7 @@ static PyObject *b_bracket(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     Py_DECREF(r);
     Py_XDECREF(v);
     Py_XDECREF(exc);
+    ctl->memory_quiet = 0;   /* the value of a task over the limit is gone */
     mask_exit(ctl, result == NULL && PyErr_ExceptionMatches(ml_exc_base), NULL);
     return result;
 }

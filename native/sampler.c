@@ -441,7 +441,7 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
          * again (b"x" * 800 MiB, np.ones(10**8)). */
         int64_t rss = read_rss();
         int64_t would_be = big ? rss + n : rss;
-        if (watched && would_be > limit) {
+        if (watched && would_be > limit && !ctl->memory_quiet) {
             __atomic_store_n(&g_over_rss, rss, __ATOMIC_RELAXED);
             __atomic_store_n(&g_over_block, big ? n : 0, __ATOMIC_RELAXED);
             __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);

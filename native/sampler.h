@@ -57,6 +57,10 @@ typedef struct {
     /* 1 while a cyclic collection runs masked on the owner thread (see
      * masking.c, gc_first/gc_last).  Owner, GIL. */
     int64_t gc_masked;
+    /* 1 from the moment a task is found over the memory limit until its
+     * value is dropped (ml bracket): samples then do not flag the limit again
+     * for the scopes around it.  Owner, GIL. */
+    int64_t memory_quiet;
 } ml_ctl_t;
 
 /* Engine life cycle (take the GIL internally). */

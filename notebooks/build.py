@@ -746,12 +746,14 @@ def nb04() -> NotebookNode:
         md("""
         ## `protect`: any context manager, interrupt-safe
 
-        Interrupts are *sticky*: once a task's limit is reached, the interrupt comes back
-        (about every 80 kB it allocates) until the task ends, so that swallowing it does not
-        work. The flip side: cleanup code that runs while the task unwinds can be interrupted
-        in the middle. Below, a journal that writes its entries when its `with` block ends:
-        unprotected, its cleanup is cut short; under `ml.protect` its `__enter__` and
-        `__exit__` run masked, and the interrupt is delivered after them.
+        An interrupt lands at the next point where Python checks for one -- which can be the
+        first instruction of cleanup code. Below, a journal that writes its entries when its
+        `with` block ends; the block's last statement runs past the budget and has no such
+        point of its own, so the interrupt lands at the start of `__exit__`: unprotected, the
+        cleanup never happens; under `ml.protect` its `__enter__` and `__exit__` run masked,
+        and the interrupt is delivered after them. (While a task *handles* its interrupt --
+        in an `except` or `finally`, or an `__exit__` the interrupt is leaving -- the same
+        cause is not raised again: it comes back once swallowed.)
         """),
         code("""
         class Journal:
@@ -771,15 +773,9 @@ def nb04() -> NotebookNode:
                 return False
 
 
-        def forever():
-            keep = []
-            while True:
-                keep.append("x" * 100)
-
-
         def task(cm):
             with cm:
-                forever()
+                block = "x" * 6_000_000  # past the 5 MB budget, as the block ends
 
 
         for label, wrap in [("unprotected", lambda j: j), ("protected", ml.protect)]:
@@ -799,7 +795,9 @@ def nb04() -> NotebookNode:
 
         def hold_and_work():
             with ml.protect(lock):
-                forever()
+                keep = []
+                while True:
+                    keep.append("x" * 100)
 
 
         print(ml.limit_allocations(hold_and_work, limit="1 MB"))

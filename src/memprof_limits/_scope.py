@@ -586,6 +586,12 @@ def _run(scope: LimitScope, task: Callable[[], T]) -> Ok[T] | Error:
     def release(_r: object, value: Any, exc: BaseException | None) -> Ok[T] | Error:
         scope._ml_exit(type(exc) if exc is not None else None, exc, None)
         if scope.interrupted:
+            if scope.reason == "memory" and scope._state is not None:
+                # The task's value (dropped with this Error) is still alive while
+                # the scope closes: a sample of that bookkeeping may flag the
+                # limit again.  That is this task's, not an outer scope's.
+                scope._state.clear_pending(REASON_MEMORY)
+                scope._state.ctl.memory_quiet = 1  # until bracket drops the value
             return Error(exc if exc is not None else scope._interrupt())
         if exc is not None:
             raise exc

@@ -491,6 +491,7 @@ assert isinstance(ml.limit_global_memory(innocent), ml.Ok)
 def drop_inner():
     name = type(ml.limit_global_memory(big)).__name__
     gc.collect()  # (a delivered interrupt's traceback can be in a reference cycle)
+    ml.release_memory()
     return name
 outer = ml.limit_global_memory(drop_inner)
 assert outer == ml.Ok("Error"), outer

@@ -175,22 +175,24 @@ MiB = 2**20
 def test_01_runaway_worker_is_stopped_and_memory_released(executed: Any) -> None:
     run = executed("01-memory-limits")
     evalue = only_error(run.cell("01-seed-worker"), "MemoryLimitExceeded")
+    # The limit is shown as the cell wrote it (a number of bytes here).
     m = re.fullmatch(
-        r"global memory limit of ([\d.]+) MiB exceeded \(resident memory ([\d.]+) "
+        r"global memory limit of (\d+) exceeded \(resident memory ([\d.]+) "
         r"MiB\); rolled back: status \(changed\); freed ([\d.]+) MiB",
         evalue,
     )
     assert m, evalue
-    limit, resident, freed = (float(g) for g in m.groups())
-    # Interrupted just past the limit (the statistics: < 1.62 MiB of allocation with
-    # probability 1 - 1e-9, plus page granularity), and the 256 MiB it held given back.
-    assert limit <= resident < limit + 16, evalue
+    limit, resident, freed = int(m.group(1)) / MiB, float(m.group(2)), float(m.group(3))
+    # Interrupted near the limit (the statistics: < 1.62 MiB of allocation past it with
+    # probability 1 - 1e-9, plus page granularity; a block of 1 MiB or more is checked
+    # before its pages are touched, so just below it too), and the 256 MiB given back.
+    assert limit - 16 <= resident < limit + 16, evalue
     assert freed > 200, evalue
     after = text(run.cell("01-after"))
     assert "status: idle\nresults: computed before\nsame kernel process: True\n" in after
     assert "memory released: yes" in after
     peak = figures(run, "01-seed-worker")["peak_rss_bytes"]
-    assert peak >= limit * MiB * 0.99
+    assert peak >= limit * MiB * 0.95
     library = text(run.cell("01-library"))
     assert re.search(r"interrupted: MemoryLimitExceeded: global memory limit of", library), library
     assert "memory released: yes" in library
