@@ -26,7 +26,12 @@ completes (checkpoint + commit) and a cell that is interrupted after
 changing 100 names and adding 100 (checkpoint + rollback), namespace of 0 or
 10 000 names.
 
-    python benchmarks/bench_kernel.py [--rounds 300] [--interrupts 20]
+Part 4 -- the fast switch interval during control messages: interrupt ->
+reply latency of a busy loop (message mode) with ``interrupt_switch_interval``
+0.0001 (the default) and 0 (never changed: Python's 0.005 throughout),
+alternating in one kernel.
+
+    python benchmarks/bench_kernel.py [--rounds 300] [--interrupts 20] [--only 1234]
 """
 
 from __future__ import annotations
@@ -180,6 +185,28 @@ def part2(trials: int) -> None:
     print()
 
 
+def part4(trials: int) -> None:
+    print("#### Busy-loop interrupt latency with and without the fast switch interval\n")
+    print(f"{trials} interrupts per row, alternating in one kernel (message mode).\n")
+    print("| `interrupt_switch_interval` | median ms | p90 ms | max ms |")
+    print("|---|---|---|---|")
+    k = Kernel(OURS)
+    lat: dict[float, list[float]] = {0.0001: [], 0.0: []}
+    try:
+        k.round_trip("pass")
+        for _ in range(trials):
+            for interval, values in lat.items():
+                k.round_trip(f"get_ipython().kernel.interrupt_switch_interval = {interval}")
+                values.append(k.interrupt_latency("while True: pass"))
+    finally:
+        k.close()
+    for interval, values in lat.items():
+        m = ms(values)
+        print(f"| {interval} | {m[0]:.1f} | {m[2]:.1f} | {m[3]:.1f} |")
+    fast, slow = ms(lat[0.0001])[0], ms(lat[0.0])[0]
+    print(f"\nratio of medians (fast / unchanged): {fast / slow:.2f}\n")
+
+
 def part3(rounds: int, names: int) -> None:
     print(f"#### Rollback cost with {names} names in the namespace\n")
     define = f"for _i_ in range({names}):\n    globals()[f'name_{{_i_}}'] = _i_"
@@ -261,7 +288,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300, help="round trips per cell kind")
     parser.add_argument("--interrupts", type=int, default=20, help="interrupts per scenario")
     parser.add_argument("--names", type=int, default=10_000)
-    parser.add_argument("--only", default="123", help="parts to run, e.g. 13")
+    parser.add_argument("--only", default="1234", help="parts to run, e.g. 13")
     args = parser.parse_args()
     import ipykernel
     import IPython
@@ -281,6 +308,8 @@ def main() -> None:
             part2(args.interrupts)
         if "3" in args.only:
             part3(args.rounds // 3 or 1, args.names)
+        if "4" in args.only:
+            part4(args.interrupts)
 
 
 if __name__ == "__main__":

@@ -165,8 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         "bench_overhead.py": ["--rounds", "2", "--c-reps", "2", "--c-iterations", "200000"],
         "bench_delivery.py": ["--trials", "20", "--mem-trials", "1"],
         "bench_memprof.py": [
-            "--rounds", "2", "--tracemalloc-rounds", "1", "--seeds", "1",
-            "--c-reps", "1", "--c-iterations", "100000",
+            "--rounds",
+            "2",
+            "--tracemalloc-rounds",
+            "1",
+            "--seeds",
+            "1",
+            "--c-reps",
+            "1",
+            "--c-iterations",
+            "100000",
         ],
     }
     status = 0

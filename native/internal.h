@@ -26,6 +26,10 @@ static inline void PyErr_SetRaisedException(PyObject *exc)
 }
 #endif
 
+#if PY_VERSION_HEX < 0x030D0000
+#define Py_IsFinalizing _Py_IsFinalizing
+#endif
+
 /* Exception classes armed by the sampler, one per reason; strong references
  * set once with the GIL by ml_set_classes and never released.  g_exc_base is
  * memprof_limits.Interrupted. */

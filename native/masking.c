@@ -478,7 +478,11 @@ static PyObject *b_after_fork_child(PyObject *mod, PyObject *unused)
         }
         Py_DECREF(exc);
     }
-    return ml_py_after_fork ? PyObject_CallNoArgs(ml_py_after_fork) : Py_NewRef(Py_None);
+    /* A fork during finalization (an atexit handler, a __del__ at exit): the
+     * modules the Python side needs may be gone; the child has no task to
+     * reset (the C side already cleared what the hooks read). */
+    if (ml_py_after_fork == NULL || Py_IsFinalizing()) return Py_NewRef(Py_None);
+    return PyObject_CallNoArgs(ml_py_after_fork);
 }
 
 /* Cyclic garbage collections run masked: finalizers (__del__, weakref

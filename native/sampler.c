@@ -944,10 +944,18 @@ int64_t ml_recorded_samples(void) { return T.rec_n; }
 /* [GIL] functions, called through ctypes.PyDLL so that the GIL stays held:
  * each is atomic with respect to the bytecode of every thread. */
 
+/* [GIL] Whether the calling thread runs the main interpreter: the globals
+ * below hold its objects, and only it may set them. */
+PyAPI_FUNC(int) ml_in_main_interpreter(void)
+{
+    return PyInterpreterState_Get() == PyInterpreterState_Main();
+}
+
 PyAPI_FUNC(int) ml_set_classes(PyObject *base, PyObject *memory, PyObject *allocations,
                                PyObject *token, PyObject *flush, PyObject *ensure_ctl,
                                PyObject *deliver, PyObject *after_fork)
 {
+    if (!ml_in_main_interpreter()) return -1;
     Py_INCREF(base); Py_INCREF(memory); Py_INCREF(allocations); Py_INCREF(token);
     Py_INCREF(flush); Py_INCREF(ensure_ctl); Py_INCREF(deliver); Py_INCREF(after_fork);
     ml_py_ensure_ctl = ensure_ctl;

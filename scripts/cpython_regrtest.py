@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -240,7 +241,9 @@ def run_regrtest(
     ignorefile: Path | None,
     matchfile: Path | None,
     extra: list[str],
+    output: list[str],
 ) -> int:
+    """Run regrtest; its output is printed and appended to ``output``."""
     cmd = [
         sys.executable,
         "-m",
@@ -260,9 +263,33 @@ def run_regrtest(
     print("+ " + " ".join(cmd), flush=True)
     # A session of its own: a Ctrl+C at the terminal reaches only this script, which then
     # stops regrtest and its workers (which have sessions of their own too) itself.
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
+    # The output is echoed line by line and kept, to look for exceptions the library let
+    # escape into CPython's unraisable hook (they do not fail a test).
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+
+    def echo() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
     try:
-        return proc.wait(timeout=overall_timeout)
+        rc = proc.wait(timeout=overall_timeout)
+        reader.join(60)
+        return rc
     except subprocess.TimeoutExpired:
         print(f"!! regrtest still running after {overall_timeout:g}s: stopping it", flush=True)
         _stop_tree(proc)
@@ -270,6 +297,23 @@ def run_regrtest(
     except KeyboardInterrupt:
         _stop_tree(proc)
         raise
+
+
+def unraisable_from_library(output: list[str]) -> list[str]:
+    """The "Exception ignored in" reports (CPython's unraisable hook) whose object or
+    traceback is the library's: each is a bug of the engine even when every test passed."""
+    found: list[str] = []
+    for i, line in enumerate(output):
+        if not line.startswith("Exception ignored"):
+            continue
+        block = [line]
+        for nxt in output[i + 1 : i + 40]:
+            if nxt.startswith(("Exception ignored", "Warning --", "0:", "== ", "-- ")):
+                break
+            block.append(nxt)
+        if any("memprof_limits" in b or "after_fork_child" in b or "gc_first" in b for b in block):
+            found.append("".join(block).rstrip())
+    return found
 
 
 def _descendants(pid: int) -> list[int]:
@@ -499,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             print("   preflight: a child process with the sitecustomize has the engine started")
 
+        output: list[str] = []
         rc = run_regrtest(
             args.tests,
             env=env,
@@ -510,11 +555,17 @@ def main(argv: list[str] | None = None) -> int:
             ignorefile=ignorefile,
             matchfile=None,
             extra=extra,
+            output=output,
         )
         res = parse_junit(junit)
         elapsed = time.monotonic() - t0
         ok = rc == 0
         print(f"-- regrtest exit status {rc}; {fmt_counts(res)}", flush=True)
+        ignored = unraisable_from_library(output)
+        if ignored and not args.baseline:
+            print(f"!! {len(ignored)} exceptions of the library went to the unraisable hook:")
+            print(ignored[0])
+            ok = False
 
         if res is not None and apply_exclusions:
             leaked = [e.pattern for e in mine if e.pattern in res.ran_ids]
@@ -605,6 +656,7 @@ def _diagnose(failed: list[str], work: Path, tmp: Path, args: argparse.Namespace
         ignorefile=None,
         matchfile=matchfile,
         extra=[],
+        output=[],
     )
     res = parse_junit(junit)
     again = set(res.failed_ids) if res is not None else set()

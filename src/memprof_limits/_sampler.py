@@ -60,6 +60,16 @@ def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
 
 _i64 = ctypes.c_int64
 _vp = ctypes.c_void_p
+
+# The allocator hooks, the exception classes and the callbacks the C side
+# holds are process-wide and belong to the main interpreter: a subinterpreter
+# (which can load the module) must not replace them with objects that die
+# with it.  Checked before anything below touches the C side.
+if not _fn("ml_in_main_interpreter", ctypes.c_int)():
+    raise ImportError(
+        "memprof_limits runs in the main interpreter only (its allocator hooks are "
+        "process-wide): import and start it in the main interpreter"
+    )
 _c_start = _fn("ml_start", ctypes.c_int, ctypes.c_double, ctypes.c_uint64)
 _c_stop = _fn("ml_stop", ctypes.c_int)
 _c_is_started = _fn("ml_is_started", ctypes.c_int)
@@ -238,7 +248,7 @@ def _after_fork() -> None:
 def init_native(describe: Callable[[str], str]) -> None:
     """Hand the exception classes and the Python callbacks to the C side."""
     _exceptions.Interrupted._describe = describe
-    _set_classes(
+    set_ = _set_classes(
         _exceptions.Interrupted,
         _exceptions.MemoryLimitExceeded,
         _exceptions.AllocationLimitExceeded,
@@ -248,6 +258,8 @@ def init_native(describe: Callable[[str], str]) -> None:
         _deliver,
         _after_fork,
     )
+    if set_ != 0:
+        raise ImportError("memprof_limits: not the main interpreter")
 
 
 os.register_at_fork(after_in_child=_after_fork_child)

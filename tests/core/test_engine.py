@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -61,3 +63,42 @@ def test_stop_inside_a_task_is_refused_too() -> None:
     with pytest.raises(RuntimeError, match="running tasks under limits"):
         ml.limit_with_token(ml.stop, token=ml.Token())
     assert ml.is_started()
+
+
+def test_a_subinterpreter_cannot_take_over_the_process_wide_callbacks(
+    python: Callable[..., Any],
+) -> None:
+    """A (legacy) subinterpreter can load the compiled module; importing the library there
+    used to hand the C side callbacks of that interpreter, which died with it: the next fork
+    in the main interpreter called them (``NameError: getattr``, found by CPython's
+    test_threading).  The import is refused there with a clear error, and the main
+    interpreter's engine, limits and fork reset stay intact."""
+    proc = python(
+        """
+        import os, _testcapi, memprof_limits as ml
+        ml.start()
+        rc = _testcapi.run_in_subinterp('''
+        try:
+            import memprof_limits
+            print("imported")
+        except ImportError as e:
+            print("refused:", e)
+        ''')
+        assert rc == 0, rc
+        pid = os.fork()
+        if pid == 0:
+            r = ml.limit_allocations(lambda: bytearray(10**7), limit="1 MB")
+            os._exit(0 if isinstance(r, ml.Error) else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        r = ml.limit_allocations(lambda: bytearray(10**7), limit="1 MB")
+        assert isinstance(r, ml.Error) and isinstance(r.exc, ml.AllocationLimitExceeded), r
+        print("main ok")
+        """
+    )
+    assert proc.stdout.splitlines() == [
+        "refused: memprof_limits runs in the main interpreter only (its allocator hooks are "
+        "process-wide): import and start it in the main interpreter",
+        "main ok",
+    ], proc.stdout
+    assert proc.stderr == "", proc.stderr

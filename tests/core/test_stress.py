@@ -607,7 +607,13 @@ def _pause_token_set_at(k: int, where: str) -> tuple[int, str | None]:
 
     def first_task() -> None:
         setter_ready.set()
-        setter_paused.wait(10)  # then end, while the setter is paused
+        # Then end, while the setter is paused. Poll, not setter_paused.wait(): this task is
+        # cancelled as the token is set, and an interrupt landing just after Event.wait's
+        # Condition.__enter__ acquired its lock leaks that lock (the classic asynchronous
+        # exception in a `with`, see docs/recovering.md) -- the setter would hang on it.
+        deadline = time.monotonic() + 10
+        while not setter_paused.is_set() and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
     def next_task() -> int:
         next_task_started.set()

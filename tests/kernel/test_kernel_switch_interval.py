@@ -34,21 +34,13 @@ def test_an_interval_the_cell_set_is_kept(kernel: Kernel) -> None:
 
 
 def test_a_busy_cell_is_interrupted_promptly(kernel: Kernel) -> None:
-    """Interrupt -> reply for a pure-Python busy loop (message mode), with and
-    without the fast interval during the control message, alternating in one
-    kernel.  Measured (busy loop, medians): CPython 3.11 ~9 ms with it, ~14 ms
-    without it; 3.13 ~16 ms with it, ~17.5 ms without it (10 ms with the old
-    0.001 interval throughout: on 3.13 most of the wait comes before the
-    Control thread reaches Python code of ours -- see docs/kernel.md)."""
-    fast: list[float] = []
-    slow: list[float] = []
-    try:
-        for _ in range(12):
-            for interval, lat in ((0.0001, fast), (0.0, slow)):
-                kernel.ok(f"get_ipython().kernel.interrupt_switch_interval = {interval}")
-                lat.append(kernel.interrupt_after("while True: pass", 0.2).elapsed_s)
-    finally:
-        kernel.ok("get_ipython().kernel.interrupt_switch_interval = 0.0001")
-    f, s = statistics.median(fast), statistics.median(slow)
-    assert f < 0.025, (f, s, fast, slow)
-    assert f <= 1.05 * s, (f, s, fast, slow)
+    """Interrupt -> reply for a pure-Python busy loop (message mode), with
+    Python's switch interval for user code and the fast one only while the
+    Control thread handles the interrupt: within the documented target (50 ms,
+    median).  How much the fast interval gains is measured, not tested:
+    ``benchmarks/bench_kernel.py --only 4`` (3.11: ~9 ms with it, ~14 ms
+    without; 3.13: ~16 vs ~17.5 ms, most of the wait comes before the Control
+    thread reaches Python code of ours -- see docs/kernel.md)."""
+    lat = [kernel.interrupt_after("while True: pass", 0.2).elapsed_s for _ in range(9)]
+    assert statistics.median(lat) < 0.05, lat
+    assert kernel.value("__import__('sys').getswitchinterval()") == "0.005"

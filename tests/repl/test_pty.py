@@ -94,9 +94,7 @@ def test_memory_limit_interrupts_the_cell_and_the_repl_survives(spawn: Spawn) ->
     child.wait_prompt()
     child.run("x = 1")
     printed = child.run("x = 2; big = [bytearray(2**20) for _ in range(3000)]")
-    assert re.search(r"MemoryLimitExceeded: .*memory limit of 400MiB exceeded", printed), (
-        printed
-    )
+    assert re.search(r"MemoryLimitExceeded: .*memory limit of 400MiB exceeded", printed), printed
     assert re.search(r"rolled back: .*\bx \(changed\)", printed), printed
     assert child.run("print(x, 'big' in dir())").strip().splitlines()[-1] == "1 False"
 
