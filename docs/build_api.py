@@ -34,6 +34,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Limits", "Run a task under a limit; `Ok` or `Error`.", [
         "limit_allocations", "limit_global_memory", "limit_with_token", "limit_async", "LimitScope",
         "set_global_memory_limit", "get_global_memory_limit", "release_memory",
+        "default_memory_limit", "DefaultMemoryLimit",
     ]),
     ("Results and interrupts", "", [
         "Ok", "Error", "Interrupted", "MemoryLimitExceeded", "AllocationLimitExceeded",
@@ -45,12 +46,12 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ]),
     ("Rollback", "", ["Guarded", "RollbackReport"]),
     ("Cells", "The cell runner of the Jupyter kernel and the REPL.", [
-        "CellRunner", "Cell", "CellLimits", "CellOutcome",
+        "CellRunner", "Cell", "CellLimits", "CellOutcome", "BookkeepingFailure",
     ]),
     ("Engine", "The native sampler; it starts on first use.", [
         "start", "stop", "is_started", "sampling_rate", "allocated_bytes",
     ]),
-    ("Sizes", "", ["parse_bytes", "format_bytes"]),
+    ("Sizes", "", ["parse_bytes", "format_bytes", "MAX_BYTES"]),
 ]  # fmt: skip
 
 EXTRA_MODULES = [

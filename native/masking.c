@@ -500,34 +500,47 @@ static int phase_is(PyObject *phase, const char *name)
 
 static PyObject *g_gc_last;   /* the gc_last builtin (GIL; set once) */
 
-/* Whether gc_last is at the tail of gc.callbacks, where it will end the
- * region at "stop". */
-static int gc_last_at_tail(void)
+/* Keep gc_last at the tail of gc.callbacks, where it ends the region at
+ * "stop" after every other callback: a callback appended after _delivery put
+ * it there (a library registering one inside a task) would otherwise run
+ * unmasked at "stop".  CPython walks the live list by index, so moving an
+ * element from behind the current one (gc_first is at index 0) to the tail
+ * skips nothing.  Returns whether gc_last is in the list at all. */
+static int gc_last_to_tail(void)
 {
+    PyObject *saved = PyErr_GetRaisedException();  /* (none is expected) */
     PyObject *name = PyUnicode_InternFromString("gc");
     PyObject *gc = name ? PyImport_GetModule(name) : NULL;
     Py_XDECREF(name);
     PyObject *cbs = gc ? PyObject_GetAttrString(gc, "callbacks") : NULL;
     Py_XDECREF(gc);
-    if (cbs == NULL) {
-        PyErr_Clear();
-        return 0;
+    int found = 0;
+    if (cbs != NULL && PyList_Check(cbs)) {
+        Py_ssize_t n = PyList_GET_SIZE(cbs);
+        for (Py_ssize_t i = n - 1; i >= 0 && !found; i--) {
+            if (PyList_GET_ITEM(cbs, i) != g_gc_last) continue;
+            found = 1;
+            if (i != n - 1 && (PyList_SetSlice(cbs, i, i + 1, NULL) < 0 ||
+                               PyList_Append(cbs, g_gc_last) < 0))
+                found = 0;  /* (a failed append: gc_first ends the region) */
+        }
     }
-    Py_ssize_t n = PyList_Check(cbs) ? PyList_GET_SIZE(cbs) : 0;
-    int at_tail = n > 0 && PyList_GET_ITEM(cbs, n - 1) == g_gc_last;
-    Py_DECREF(cbs);
-    return at_tail;
+    Py_XDECREF(cbs);
+    PyErr_Clear();
+    if (saved != NULL) PyErr_SetRaisedException(saved);
+    return found;
 }
 
 static PyObject *b_gc_first(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     ml_ctl_t *ctl = ml_get_ctl();
-    if (ctl != NULL && nargs >= 2 && ctl->gc_masked && phase_is(args[0], "stop") &&
-        !gc_last_at_tail()) {
-        ctl->gc_masked = 0;
+    if (ctl == NULL || nargs < 1) Py_RETURN_NONE;
+    int have_last = gc_last_to_tail();
+    if (ctl->gc_masked && phase_is(args[0], "stop") && !have_last) {
+        ctl->gc_masked = 0;  /* gc_last is gone: end the region here */
         mask_exit(ctl, 0, NULL);
     }
-    if (ctl != NULL && nargs >= 1 && !ctl->gc_masked && phase_is(args[0], "start")) {
+    if (!ctl->gc_masked && phase_is(args[0], "start")) {
         PyObject *other = NULL;
         ctl->gc_masked = 1;
         mask_enter(ctl, &other);

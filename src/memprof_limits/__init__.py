@@ -11,10 +11,13 @@ See README.md for a tour and docs/ for the design.
 from __future__ import annotations
 
 from ._async import limit_async as limit_async
+from ._cells import BookkeepingFailure as BookkeepingFailure
 from ._cells import Cell as Cell
 from ._cells import CellLimits as CellLimits
 from ._cells import CellOutcome as CellOutcome
 from ._cells import CellRunner as CellRunner
+from ._defaults import DefaultMemoryLimit as DefaultMemoryLimit
+from ._defaults import default_memory_limit as default_memory_limit
 from ._engine import allocated_bytes as allocated_bytes
 from ._engine import is_started as is_started
 from ._engine import sampling_rate as sampling_rate
@@ -44,20 +47,24 @@ from ._scope import release_memory as release_memory
 from ._scope import set_global_memory_limit as set_global_memory_limit
 from ._sigint import sigint_sets as sigint_sets
 from ._token import Token as Token
+from ._units import MAX_BYTES as MAX_BYTES
 from ._units import format_bytes as format_bytes
 from ._units import parse_bytes as parse_bytes
 
 __all__ = [
     "AllocationLimitExceeded",
+    "BookkeepingFailure",
     "Cancelled",
     "Cell",
     "CellLimits",
     "CellOutcome",
     "CellRunner",
+    "DefaultMemoryLimit",
     "Error",
     "Guarded",
     "Interrupted",
     "LimitScope",
+    "MAX_BYTES",
     "MemoryLimitExceeded",
     "Ok",
     "PoisonedError",
@@ -65,6 +72,7 @@ __all__ = [
     "SafeMutex",
     "Token",
     "allocated_bytes",
+    "default_memory_limit",
     "format_bytes",
     "get_global_memory_limit",
     "is_interrupted",

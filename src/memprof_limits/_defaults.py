@@ -235,8 +235,17 @@ def memory_the_process_may_use(root: str = "/") -> tuple[int | None, str, tuple[
 
 
 def default_memory_limit(root: str = "/") -> DefaultMemoryLimit:
-    """:data:`FRACTION` of :func:`memory_the_process_may_use` (see the
-    module's docstring for why)."""
+    """:data:`FRACTION` (80 %) of the memory this process may use: the limit
+    of its cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, its own
+    or an ancestor's) when there is one, else the physical memory.  The
+    kernel and the REPL start with it as their global memory limit; ``root``
+    is where ``/proc`` and ``/sys`` are looked up (tests use fake ones).
+
+    >>> import memprof_limits as ml
+    >>> d = ml.default_memory_limit()
+    >>> d.bytes is None or d.bytes == int(d.basis * 0.8)
+    True
+    """
     basis, source, notes = memory_the_process_may_use(root)
     if basis is None:
         return DefaultMemoryLimit(None, None, source, notes)
