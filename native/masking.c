@@ -498,15 +498,17 @@ static int phase_is(PyObject *phase, const char *name)
     return PyUnicode_Check(phase) && PyUnicode_CompareWithASCIIString(phase, name) == 0;
 }
 
-static PyObject *g_gc_last;   /* the gc_last builtin (GIL; set once) */
+static PyObject *g_gc_first, *g_gc_last;   /* the gc_first/gc_last builtins (GIL; set once) */
 
-/* Keep gc_last at the tail of gc.callbacks, where it ends the region at
- * "stop" after every other callback: a callback appended after _delivery put
- * it there (a library registering one inside a task) would otherwise run
- * unmasked at "stop".  CPython walks the live list by index, so moving an
- * element from behind the current one (gc_first is at index 0) to the tail
- * skips nothing.  Returns whether gc_last is in the list at all. */
-static int gc_last_to_tail(void)
+/* Keep gc_first at the head of gc.callbacks and gc_last at its tail, where
+ * they open the region before every other callback and end it after every
+ * other one: a callback appended since _delivery placed them (a library
+ * registering one inside a task) would otherwise run unmasked at "stop"; one
+ * inserted at the head runs unmasked in this collection only.  CPython walks
+ * the live list by index and gc_first is the callback running: moving it to
+ * index 0 shifts only what already ran, moving gc_last from behind it to the
+ * tail skips nothing.  Returns whether gc_last is in the list at all. */
+static int gc_guard_callbacks(void)
 {
     PyObject *saved = PyErr_GetRaisedException();  /* (none is expected) */
     PyObject *name = PyUnicode_InternFromString("gc");
@@ -517,6 +519,12 @@ static int gc_last_to_tail(void)
     int found = 0;
     if (cbs != NULL && PyList_Check(cbs)) {
         Py_ssize_t n = PyList_GET_SIZE(cbs);
+        for (Py_ssize_t i = 1; i < n; i++) {
+            if (PyList_GET_ITEM(cbs, i) != g_gc_first) continue;
+            if (PyList_SetSlice(cbs, i, i + 1, NULL) == 0) PyList_Insert(cbs, 0, g_gc_first);
+            break;
+        }
+        n = PyList_GET_SIZE(cbs);
         for (Py_ssize_t i = n - 1; i >= 0 && !found; i--) {
             if (PyList_GET_ITEM(cbs, i) != g_gc_last) continue;
             found = 1;
@@ -535,7 +543,7 @@ static PyObject *b_gc_first(PyObject *mod, PyObject *const *args, Py_ssize_t nar
 {
     ml_ctl_t *ctl = ml_get_ctl();
     if (ctl == NULL || nargs < 1) Py_RETURN_NONE;
-    int have_last = gc_last_to_tail();
+    int have_last = gc_guard_callbacks();
     if (ctl->gc_masked && phase_is(args[0], "stop") && !have_last) {
         ctl->gc_masked = 0;  /* gc_last is gone: end the region here */
         mask_exit(ctl, 0, NULL);
@@ -612,6 +620,8 @@ PyAPI_FUNC(PyObject *) ml_builtins(void)
         }
         if (g_builtins[i].ml_meth == (PyCFunction)(void (*)(void))b_gc_last && g_gc_last == NULL)
             g_gc_last = Py_NewRef(f);
+        if (g_builtins[i].ml_meth == (PyCFunction)(void (*)(void))b_gc_first && g_gc_first == NULL)
+            g_gc_first = Py_NewRef(f);
         PyTuple_SET_ITEM(t, i, f);
     }
     return t;

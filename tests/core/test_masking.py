@@ -921,14 +921,15 @@ def test_an_interrupt_leaving_a_masked_region_is_not_rearmed_in_the_next_finally
     assert result.exc.__context__ is None  # one interrupt, not a chain of two
 
 
-@pytest.mark.parametrize("registered", ["before the task", "inside the task"])
+@pytest.mark.parametrize("registered", ["before the task", "inside the task", "at the head"])
 def test_gc_callbacks_and_finalizers_run_to_completion_with_an_interrupt_armed(
     registered: str,
 ) -> None:
     """A collection runs masked from its first gc callback to its last, finalizers included:
     an interrupt armed during it lands after ``gc.collect()`` returns.  A callback appended
-    inside the task (behind the library's tail callback) is covered too: the tail callback
-    moves itself back to the end at each collection."""
+    inside the task (behind the library's tail callback) is covered too: the head callback
+    moves the tail one back to the end at each collection; one inserted at the head is
+    covered from the next collection on (the head callback moves itself back first)."""
     token = ml.Token()
     log: list[str] = []
     armed = [False]
@@ -955,6 +956,9 @@ def test_gc_callbacks_and_finalizers_run_to_completion_with_an_interrupt_armed(
     def task() -> None:
         if registered == "inside the task":
             gc.callbacks.append(callback)
+        elif registered == "at the head":
+            gc.callbacks.insert(0, callback)
+            gc.collect()  # unmasked at its "start" in this one (not armed yet)
         cycle = Finalized()
         cycle.self = cycle  # type: ignore[attr-defined]
         del cycle
