@@ -93,16 +93,20 @@ def geomean(xs: list[float]) -> float:
 
 def table(title: str, counts: dict[str, dict[str, int]], names: list[str]) -> None:
     print(f"#### {title}\n")
-    print("| workload | " + " | ".join(f"{m} Minstr" for m in MODES) + " | "
-          + " | ".join(f"{m} / nohook" for m in MODES[1:]) + " |")
+    print(
+        "| workload | "
+        + " | ".join(f"{m} Minstr" for m in MODES)
+        + " | "
+        + " | ".join(f"{m} / nohook" for m in MODES[1:])
+        + " |"
+    )
     print("|---|" + "---|" * (2 * len(MODES) - 1))
     for w in names:
         row = [f"{counts[m][w] / 1e6:.1f}" for m in MODES]
         row += [f"{counts[m][w] / counts['nohook'][w]:.4f}" for m in MODES[1:]]
         print(f"| {w} | " + " | ".join(row) + " |")
     gm = [
-        f"**{geomean([counts[m][w] / counts['nohook'][w] for w in names]):.4f}**"
-        for m in MODES[1:]
+        f"**{geomean([counts[m][w] / counts['nohook'][w] for w in names]):.4f}**" for m in MODES[1:]
     ]
     print("| **geomean** | " + " | " * (len(MODES) - 1) + " | ".join(gm) + " |\n")
 

@@ -323,6 +323,30 @@ static PyObject *b_masked_call(PyObject *mod, PyObject *const *args, Py_ssize_t 
  * caller's mask state -> v or exception e; release(r, v, e) masked -> the
  * result.  release runs iff acquire returned.  All the sequencing happens in
  * C: no bytecode boundary (hence no delivery point) between the calls. */
+/* Exact task boundaries (ml_ctl_t.entering/top): the count a task is
+ * charged runs from here, right after its scope's bookkeeping returned, to
+ * task_end, right before the exit bookkeeping is called.  No allocation. */
+static void task_begin(ml_ctl_t *ctl)
+{
+    ml_marks_t *m = ctl->entering;
+    if (m == NULL) return;
+    ctl->entering = NULL;
+    int64_t start = ml_allocated();
+    m->start = start;
+    m->task_end = start;
+    if (m->limit >= 0) {
+        m->end = m->limit > INT64_MAX - start ? INT64_MAX : start + m->limit;
+        ml_set_budget_end(m->end < m->outer_end ? m->end : m->outer_end);
+    }
+    m->prev = ctl->top;
+    ctl->top = m;
+}
+
+static void task_end(ml_ctl_t *ctl)
+{
+    if (ctl->top != NULL) ctl->top->task_end = ml_allocated();
+}
+
 static PyObject *b_bracket(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -339,16 +363,20 @@ static PyObject *b_bracket(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         PyErr_SetRaisedException(other);
         return NULL;
     }
+    ctl->entering = NULL;
     PyObject *r = PyObject_CallNoArgs(acquire);
     if (r == NULL) {
+        ctl->entering = NULL;
         mask_exit(ctl, PyErr_ExceptionMatches(ml_exc_base), NULL);
         return NULL;
     }
+    task_begin(ctl);  /* (acquire was a scope's _ml_enter: its task starts here) */
     /* body runs with the caller's masking state (masked if nested in a
      * masked region).  Leaving the mask re-arms a deferred interrupt, which
      * then lands at body's first instruction, inside the bracket. */
     mask_exit(ctl, 0, NULL);
     PyObject *v = PyObject_CallOneArg(body, r);
+    task_end(ctl);
     PyObject *exc = NULL;
     if (v == NULL) {
         exc = PyErr_GetRaisedException();
@@ -398,7 +426,13 @@ static PyObject *b_tramp_enter(PyObject *mod, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "__enter__() takes no arguments");
         return NULL;
     }
-    return call_method_masked(args[0], "_ml_enter", NULL, 0, 1, NULL);
+    ml_ctl_t *ctl = current_ctl();
+    if (ctl == NULL) return NULL;
+    ctl->entering = NULL;
+    PyObject *r = call_method_masked(args[0], "_ml_enter", NULL, 0, 1, NULL);
+    if (r != NULL) task_begin(ctl);
+    ctl->entering = NULL;
+    return r;
 }
 
 static PyObject *b_tramp_exit(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -407,6 +441,9 @@ static PyObject *b_tramp_exit(PyObject *mod, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "__exit__(exc_type, exc_value, traceback)");
         return NULL;
     }
+    ml_ctl_t *ctl = current_ctl();
+    if (ctl == NULL) return NULL;
+    task_end(ctl);
     return call_method_masked(args[0], "_ml_exit", args + 1, 3, 0, args[2]);
 }
 

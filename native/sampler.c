@@ -216,6 +216,7 @@ static void atfork_child(void)
         ctl->n_tokens = 0;
         ctl->watch_global = 0;
         ctl->deferred_signals = 0;
+        ctl->entering = ctl->top = NULL;  /* the parent's scopes' marks */
     }
 }
 

@@ -27,6 +27,18 @@
 #define ML_ERR_NOT_ON_TOP 3
 #define ML_ERR_RATE 4
 
+/* The boundaries of one scope's task, for exact counts (masking.c,
+ * task_begin/task_end).  Owned by the scope (ffi.new); linked from its
+ * thread's control block while the scope is open.  Owner thread, GIL. */
+typedef struct ml_marks {
+    int64_t limit;        /* the scope's allocation limit; < 0: none */
+    int64_t outer_end;    /* the budget end of the scopes around it */
+    int64_t start;        /* ml_allocated() when the task started */
+    int64_t end;          /* start + limit (saturated): the scope's budget end */
+    int64_t task_end;     /* ml_allocated() when the task ended (the last exit) */
+    struct ml_marks *prev; /* the enclosing open scope's marks, or NULL */
+} ml_marks_t;
+
 /* Per-thread control block for interrupt delivery.  Its memory is owned by
  * Python (ffi.new), one per thread that ever ran a task or a masked region;
  * the thread's TLS points to it while the Python owner is alive.  Other
@@ -61,6 +73,14 @@ typedef struct {
      * value is dropped (ml bracket): samples then do not flag the limit again
      * for the scopes around it.  Owner, GIL. */
     int64_t memory_quiet;
+    /* Exact task boundaries: a scope's _ml_enter leaves its marks in
+     * `entering` as its last step; the C code that called it (the with
+     * trampoline, bracket) reads the count right after it returns -- the
+     * task's first byte -- and pushes the marks on `top`.  Each exit through
+     * that C code stores the count in top->task_end right before the exit
+     * bookkeeping runs; the scope pops itself.  Owner, GIL. */
+    ml_marks_t *entering;
+    ml_marks_t *top;
 } ml_ctl_t;
 
 /* Engine life cycle (take the GIL internally). */

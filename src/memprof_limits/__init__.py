@@ -51,7 +51,7 @@ from ._units import MAX_BYTES as MAX_BYTES
 from ._units import format_bytes as format_bytes
 from ._units import parse_bytes as parse_bytes
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted() order (tests/core/test_exports.py)
     "AllocationLimitExceeded",
     "BookkeepingFailure",
     "Cancelled",

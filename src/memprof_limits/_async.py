@@ -255,7 +255,7 @@ class _Driver:
 
         def acquire() -> Any:
             nonlocal entered
-            scope._ml_enter()
+            scope._ml_enter(exact=False)
             entered = True
             return arg
 

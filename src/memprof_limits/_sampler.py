@@ -34,6 +34,7 @@ __all__ = [
     "allocated_bytes",
     "arm",
     "bracket",
+    "ffi",
     "masked_call",
     "masked_methods",
     "start",
@@ -234,6 +235,7 @@ def _after_fork() -> None:
         new.ident = threading.get_ident()
         new.ctl.thread_id = new.ident
         new.ctl.active = new.ctl.pending = new.ctl.n_tokens = new.ctl.watch_global = 0
+        new.ctl.entering = new.ctl.top = ffi.NULL
         new.is_main = threading.current_thread() is threading.main_thread()
         new.scopes = []
         new.forked = False

@@ -95,7 +95,7 @@ from . import _delivery, _exceptions, _sampler
 from ._exceptions import Interrupted, Reason
 from ._native import lib  # type: ignore[import-not-found,unused-ignore]
 from ._result import Error, Ok
-from ._sampler import NO_BUDGET, REASON_ALLOCATIONS, REASON_MEMORY, REASON_TOKEN
+from ._sampler import NO_BUDGET, REASON_ALLOCATIONS, REASON_MEMORY, REASON_TOKEN, ffi
 from ._token import Token
 from ._units import format_bytes, parse_bytes
 
@@ -250,8 +250,11 @@ class LimitScope:
         self.reason: Reason | None = None
         self.allocated_bytes: int | None = None
         self.exception: BaseException | None = None
-        self._start = 0
-        self._end = NO_BUDGET  # this scope's own budget end (absolute count)
+        # The task's boundaries (counts of the thread): start, own budget end
+        # (absolute), task end.  Filled in C where the task starts and ends
+        # (see _ml_enter), so that the scope's bookkeeping is not charged.
+        self._marks = ffi.new("ml_marks_t *")
+        self._marks.end = NO_BUDGET
         self._state: _sampler.ThreadState | None = None
         self._owner: Any = None  # the asyncio task that opened it, if any
         self._watching = False  # its token is registered with the thread
@@ -261,6 +264,14 @@ class LimitScope:
         # (limit, bytes before) of the logical limit this scope is a part of
         # (limit_async's step scopes), for the messages.
         self._shown: tuple[int | None, int] | None = None
+
+    @property
+    def _start(self) -> int:
+        return int(self._marks.start)
+
+    @property
+    def _end(self) -> int:
+        return int(self._marks.end)
 
     @classmethod
     def _make(cls, memory: bool, allocations: int | None, token: Token | None) -> LimitScope:
@@ -281,7 +292,10 @@ class LimitScope:
 
     # -- masked ------------------------------------------------------------
 
-    def _ml_enter(self) -> LimitScope:
+    def _ml_enter(self, exact: bool = True) -> LimitScope:
+        """Open the scope (masked).  ``exact``: called by the C code that runs
+        the task (the with trampoline, ``bracket``), which then counts from
+        the task's first byte (``ctl.entering``); else counted from here."""
         # 1. Everything that can refuse, before anything changes.
         if self._state is not None:
             raise RuntimeError(
@@ -329,12 +343,20 @@ class LimitScope:
             if token is not None:
                 token._watch(st)
                 self._watching = True
-            # Count from here: the bookkeeping above allocates a varying amount
-            # (it wakes the watchdog), which must not make counts irreproducible.
-            self._start = now = _sampler.allocated_bytes()
+            # Count from here (the bookkeeping above allocates a varying
+            # amount: it wakes the watchdog); with ``exact``, the C caller
+            # counts again from the task's first byte, right after we return.
+            marks = self._marks
+            marks.start = marks.task_end = now = _sampler.allocated_bytes()
             if self.allocations is not None:
-                self._end = now + self.allocations
+                marks.limit = self.allocations
+                marks.outer_end = outer_end
+                marks.end = min(now + self.allocations, NO_BUDGET)
                 _sampler.set_budget_end(min(self._end, outer_end))
+            else:
+                marks.limit = -1
+            if exact:
+                ctl.entering = marks  # the last step: nothing can fail after it
         except BaseException:
             # Plain assignments and deletions first (no call that could fail
             # again near the recursion limit), then the calls.
@@ -368,13 +390,14 @@ class LimitScope:
         reason: Reason | None = None
         now: int | None = None
         try:
+            task_end = _pop_marks(st.ctl, self._marks) if not forked else None
             now = _sampler.allocated_bytes()
-            self.allocated_bytes = now - self._start
+            self.allocated_bytes = (now if task_end is None else task_end) - self._start
             if not forked:
                 problem = self._misnested
                 if problem is None and (not st.scopes or st.scopes[-1] is not self):
                     problem = _out_of_order(self, st.scopes)
-                reason = self._reached(st, now)
+                reason = self._reached(st, now if task_end is None else task_end)
         finally:
             self._close(st, now, forked)
         self.reason = reason
@@ -451,6 +474,24 @@ _ALL_REASONS = REASON_MEMORY | REASON_ALLOCATIONS | REASON_TOKEN
 _MAX_TOKENS = int(lib.ML_MAX_TOKENS)
 
 
+def _pop_marks(ctl: Any, marks: Any) -> int | None:
+    """Take ``marks`` off the thread's chain of open marks.  The count when
+    the task ended if it was entered and left through the C code that marks
+    both (it is then the innermost); else ``None`` (count from now)."""
+    if ctl.entering == marks:  # entered, never started by C (a direct call)
+        ctl.entering = ffi.NULL
+    if ctl.top == marks:
+        ctl.top = marks.prev
+        return int(marks.task_end)
+    node = ctl.top  # out of order (misnested): unlink it, count from now
+    while node != ffi.NULL:
+        if node.prev == marks:
+            node.prev = marks.prev
+            break
+        node = node.prev
+    return None
+
+
 def _budget_end(scopes: list[LimitScope]) -> int:
     return min((s._end for s in scopes if s.allocations is not None), default=NO_BUDGET)
 
@@ -486,6 +527,8 @@ def _resync(st: _sampler.ThreadState, scope: LimitScope, now: int | None, forked
     scopes = st.scopes
     _remove(scopes, scope)
     ctl = st.ctl
+    if not forked:
+        _pop_marks(ctl, scope._marks)  # (if _ml_exit failed before it did)
     token = scope.token
     if token is not None:
         # Whether the failure came before, inside or after Token._unwatch:
@@ -629,6 +672,13 @@ def limit_allocations(task: Callable[[], T], *, limit: int | str) -> Ok[tuple[T,
     >>> ml.limit_allocations(lambda: [0] * 10**6, limit="1 MB")
     Error(exc=AllocationLimitExceeded('allocation limit of 1000000 bytes reached...'))
     """
+    if limit is None:
+        # None means "no limit" only where it is a keyword's default (LimitScope,
+        # limit_async, CellLimits, set_global_memory_limit); here it is a mistake.
+        raise TypeError(
+            "limit: expected a number of bytes (an int, or a string such as '50 MB'), got None; "
+            "to count without a limit, use ml.LimitScope() and its allocated_bytes"
+        )
     scope = LimitScope(allocations=limit)
     result = _run(scope, task)
     if isinstance(result, Ok):

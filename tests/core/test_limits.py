@@ -839,3 +839,61 @@ def test_in_a_forked_child_the_parent_scopes_close_as_not_reached() -> None:
         print("ok")
         """
     )
+
+
+# -- what a task is charged (issue 13) ----------------------------------------------------------
+
+
+def _hundred_zeros() -> int:
+    return len([0] * 100)
+
+
+@pytest.mark.parametrize("limit", [1, 10**6, "1 GB", 2**62, ml.MAX_BYTES])
+def test_an_empty_task_is_charged_nothing_whatever_the_limit(limit: int | str) -> None:
+    """The library's own bookkeeping (the scope, the bound on the budget, the result) is not
+    the task's work: counting runs from the task's first byte to its last."""
+    assert ml.limit_allocations(lambda: None, limit=limit) == ml.Ok((None, 0))
+    with ml.LimitScope(allocations=limit) as scope:
+        pass
+    assert scope.allocated_bytes == 0
+
+
+def test_a_task_reads_the_same_count_whatever_the_limit_and_form() -> None:
+    counts = {
+        ml.limit_allocations(_hundred_zeros, limit=limit).value[1]  # type: ignore[union-attr]
+        for limit in (10**4, "1 GB", 2**62, ml.MAX_BYTES)
+    }
+    for limit in (10**4, 2**62):
+        with ml.LimitScope(allocations=limit) as scope:
+            _hundred_zeros()
+        counts.add(scope.allocated_bytes)  # type: ignore[arg-type]
+    with ml.LimitScope() as unlimited:
+        _hundred_zeros()
+    counts.add(unlimited.allocated_bytes)  # type: ignore[arg-type]
+    assert len(counts) == 1, counts
+    (n,) = counts
+    assert ml.limit_allocations(_hundred_zeros, limit=n) == ml.Ok((100, n))
+    assert isinstance(ml.limit_allocations(_hundred_zeros, limit=n - 1), ml.Error)
+
+
+def test_nested_and_threaded_tasks_are_charged_their_own_work() -> None:
+    """An inner scope charges its task only; the outer task is charged the inner scope's
+    bookkeeping (it is work the outer task chose to do), never less than the inner's count."""
+    n = ml.limit_allocations(_hundred_zeros, limit="1 MB").value[1]  # type: ignore[union-attr]
+    inner = ml.limit_allocations(
+        lambda: ml.limit_allocations(_hundred_zeros, limit="1 MB"), limit="10 MB"
+    )
+    assert isinstance(inner, ml.Ok) and inner.value[0] == ml.Ok((100, n))
+    assert inner.value[1] >= n
+    seen: list[object] = []
+    t = threading.Thread(
+        target=lambda: seen.append(ml.limit_allocations(lambda: None, limit="1 MB"))
+    )
+    t.start()
+    t.join()
+    assert seen == [ml.Ok((None, 0))]
+
+
+def test_limit_none_is_a_type_error_that_says_what_to_do() -> None:
+    with pytest.raises(TypeError, match=r"limit: expected a number of bytes.*got None.*LimitScope"):
+        ml.limit_allocations(lambda: None, limit=None)  # type: ignore[arg-type]
