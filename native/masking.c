@@ -307,6 +307,32 @@ static PyObject *masked_call(ml_ctl_t *ctl, PyObject *fn, PyObject *const *args,
     return finish(r, other);
 }
 
+/* quiet_call(fn, *args): fn(*args) masked, never re-armed at its end.  The
+ * interrupt classes' __init__ (see _sampler.init_native): CPython creates
+ * the instance where an interrupt lands -- and on 3.11 again when the bare
+ * class is normalized -- by calling the class.  A Python __init__ is an
+ * eval-breaker point, and samples go on while the exception is created and
+ * unwinds: an interrupt re-armed then landed inside __init__ and replaced
+ * the one being created (3.11: its traceback was one library frame, the
+ * task's frames lost; 3.12+: nested __init__ calls, a RecursionError when
+ * every byte is sampled).  Entered from C, the construction is masked from
+ * its first instruction; what was armed meanwhile is ours and stays pending.
+ * Samples then wait ML_REDELIVER_HOLD bytes before arming again (the
+ * exception unwinds meanwhile: ml_ctl_t.hold_until). */
+static PyObject *b_quiet_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "quiet_call(fn, *args): fn is required");
+        return NULL;
+    }
+    ml_ctl_t *ctl = current_ctl();
+    if (ctl == NULL) return NULL;
+    PyObject *r = masked_call(ctl, args[0], args + 1, (size_t)(nargs - 1), 0, NULL, 0);
+    int64_t now = ml_allocated();
+    ctl->hold_until = now > INT64_MAX - ML_REDELIVER_HOLD ? INT64_MAX : now + ML_REDELIVER_HOLD;
+    return r;
+}
+
 /* masked_call(fn, *args) */
 static PyObject *b_masked_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -319,10 +345,6 @@ static PyObject *b_masked_call(PyObject *mod, PyObject *const *args, Py_ssize_t 
     return masked_call(ctl, args[0], args + 1, (size_t)(nargs - 1), 1, NULL, 1);
 }
 
-/* bracket(acquire, body, release): acquire() masked -> r; body(r) with the
- * caller's mask state -> v or exception e; release(r, v, e) masked -> the
- * result.  release runs iff acquire returned.  All the sequencing happens in
- * C: no bytecode boundary (hence no delivery point) between the calls. */
 /* Exact task boundaries (ml_ctl_t.entering/top): the count a task is
  * charged runs from here, right after its scope's bookkeeping returned, to
  * task_end, right before the exit bookkeeping is called.  No allocation. */
@@ -347,6 +369,10 @@ static void task_end(ml_ctl_t *ctl)
     if (ctl->top != NULL) ctl->top->task_end = ml_allocated();
 }
 
+/* bracket(acquire, body, release): acquire() masked -> r; body(r) with the
+ * caller's mask state -> v or exception e; release(r, v, e) masked -> the
+ * result.  release runs iff acquire returned.  All the sequencing happens in
+ * C: no bytecode boundary (hence no delivery point) between the calls. */
 static PyObject *b_bracket(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 3) {
@@ -624,6 +650,8 @@ static PyObject *b_take_deferred_signals(PyObject *mod, PyObject *unused)
 static PyMethodDef g_builtins[] = {
     {"masked_call", (PyCFunction)(void (*)(void))b_masked_call, METH_FASTCALL,
      "masked_call(fn, *args): fn(*args) with interrupts deferred until it returns."},
+    {"quiet_call", (PyCFunction)(void (*)(void))b_quiet_call, METH_FASTCALL,
+     "quiet_call($module, fn, /, *args)\n--\n\nfn(*args) masked, not re-armed at its end."},
     {"bracket", (PyCFunction)(void (*)(void))b_bracket, METH_FASTCALL,
      "bracket(acquire, body, release): release(r, v, e) iff r = acquire() returned."},
     {"tramp_enter", (PyCFunction)(void (*)(void))b_tramp_enter, METH_FASTCALL,

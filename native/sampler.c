@@ -332,15 +332,41 @@ static PyThreadState *current_tstate(void)
 #endif
 }
 
-/* Whether ts is handling (in an except or finally block) an exception of
- * class cls, other than `ignore`: the walk of _PyErr_GetTopmostException,
- * without a reference or an allocation (usable from hooks). */
+/* Whether ts is raising or handling (in an except or finally block) an
+ * exception of class cls, other than `ignore`: the walk of
+ * _PyErr_GetTopmostException, without a reference or an allocation (usable
+ * from hooks). */
 static int handling(PyThreadState *ts, PyObject *cls, PyObject *ignore)
 {
+    /* In flight: raised and unwinding towards its handler (samples go on
+     * while its traceback grows).  Armed now, a second one would land at the
+     * handler's first instruction -- or, out of an inner handler, in the
+     * outer one. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *cur = ts->current_exception;
+    if (cur != NULL && cur != ignore && PyObject_TypeCheck(cur, (PyTypeObject *)cls)) return 1;
+#else
+    PyObject *cur = ts->curexc_type;
+    if (cur != NULL && PyType_Check(cur) && (ts->curexc_value == NULL || ts->curexc_value != ignore) &&
+        PyType_IsSubtype((PyTypeObject *)cur, (PyTypeObject *)cls))
+        return 1;
+#endif
     for (_PyErr_StackItem *ei = ts->exc_info; ei != NULL; ei = ei->previous_item) {
         PyObject *v = ei->exc_value;
         if (v == NULL || v == Py_None || v == ignore) continue;
         return PyObject_TypeCheck(v, (PyTypeObject *)cls);
+    }
+    return 0;
+}
+
+/* The one-cause rule for an arm of ctl's thread ts with class cls: refused
+ * while ts raises or handles one; at a sample (ts may be anywhere, even
+ * inside PyTraceBack_Here), also until ml_ctl_t.hold_until. */
+static int held(ml_ctl_t *ctl, PyThreadState *ts, PyObject *cls, PyObject *ignore, int sampled)
+{
+    if (handling(ts, cls, ignore) || (sampled && ml_allocated() < ctl->hold_until)) {
+        ctl->deferred++;
+        return 1;
     }
     return 0;
 }
@@ -371,11 +397,11 @@ PyObject *ml_take_armed_exception(void)
 #endif
 }
 
-static int arm_current_thread(ml_ctl_t *ctl, int64_t pending, PyObject *ignore)
+static int arm_current_thread(ml_ctl_t *ctl, int64_t pending, PyObject *ignore, int sampled)
 {
     PyObject *cls = ml_class_for(pending);
     PyThreadState *ts = current_tstate();
-    if (cls == NULL || ts == NULL || handling(ts, cls, ignore)) return 0;
+    if (cls == NULL || ts == NULL || held(ctl, ts, cls, ignore, sampled)) return 0;
 #if PY_VERSION_HEX >= 0x030D0000
     if (ts->async_exc == NULL) {
         Py_INCREF(cls);
@@ -393,10 +419,10 @@ static int arm_current_thread(ml_ctl_t *ctl, int64_t pending, PyObject *ignore)
     return 1;
 }
 
-int ml_arm_current(ml_ctl_t *ctl, int64_t pending) { return arm_current_thread(ctl, pending, NULL); }
+int ml_arm_current(ml_ctl_t *ctl, int64_t pending) { return arm_current_thread(ctl, pending, NULL, 0); }
 int ml_arm_current_ignoring(ml_ctl_t *ctl, int64_t pending, PyObject *ignore)
 {
-    return arm_current_thread(ctl, pending, ignore);
+    return arm_current_thread(ctl, pending, ignore, 0);
 }
 
 #define ML_BIG_ALLOC ((int64_t)1 << 20)
@@ -456,7 +482,7 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
             if (ctl->mask_depth > 0) {
                 ctl->deferred++;
             } else if (gil_held) {
-                arm_current_thread(ctl, pending, NULL);
+                arm_current_thread(ctl, pending, NULL, 1);
             } else {
                 /* RAW hook: no GIL.  Come back at the next allocation. */
                 t->period = t->countdown = 0;
@@ -986,8 +1012,19 @@ PyAPI_FUNC(int) ml_arm(ml_ctl_t *ctl)
         return 0;
     }
     if (ctl->thread_id == PyThread_get_thread_ident())
-        return arm_current_thread(ctl, pending, NULL);
-    if (PyThreadState_SetAsyncExc(ctl->thread_id, ml_class_for(pending)) != 1) return 0;
+        return arm_current_thread(ctl, pending, NULL, 0);
+    /* The one-cause rule, as for the thread itself (arm_current_thread): not
+     * while the thread handles an interrupt of this class -- the watchdog
+     * would land it inside that handler.  The thread is not running (we hold
+     * the GIL): its exception stack can be read. */
+    PyObject *cls = ml_class_for(pending);
+    for (PyThreadState *ts = PyInterpreterState_ThreadHead(PyInterpreterState_Main()); ts != NULL;
+         ts = PyThreadState_Next(ts)) {
+        if (ts->thread_id != ctl->thread_id) continue;
+        if (held(ctl, ts, cls, NULL, 0)) return 0;
+        break;
+    }
+    if (PyThreadState_SetAsyncExc(ctl->thread_id, cls) != 1) return 0;
     ctl->arms++;
     return 1;
 }

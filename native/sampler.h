@@ -17,6 +17,11 @@
 #define ML_REASON_ALLOCATIONS 2
 #define ML_REASON_TOKEN 4
 
+/* Bytes a thread allocates after an interrupt was created before a sample
+ * may arm it again (ml_ctl_t.hold_until): unwinding a thousand frames
+ * allocates about 150 kB. */
+#define ML_REDELIVER_HOLD 1048576
+
 /* Most token scopes open at once on one thread. */
 #define ML_MAX_TOKENS 32
 
@@ -81,6 +86,15 @@ typedef struct {
      * bookkeeping runs; the scope pops itself.  Owner, GIL. */
     ml_marks_t *entering;
     ml_marks_t *top;
+    /* ml_allocated() of the owner below which an arm at a sample is refused:
+     * set ML_REDELIVER_HOLD bytes ahead when an interrupt is created on the
+     * thread (quiet_call).  While it unwinds towards its handler, each frame
+     * adds a traceback entry, created with the exception taken out of the
+     * thread state (PyTraceBack_Here): a sample there cannot tell it from a
+     * swallowed one.  A swallowed interrupt comes back after that many bytes
+     * (or at the watchdog's next round, the end of a masked region).  Owner,
+     * GIL. */
+    int64_t hold_until;
 } ml_ctl_t;
 
 /* Engine life cycle (take the GIL internally). */

@@ -519,7 +519,7 @@ def nb02() -> NotebookNode:
 
 # -- 03 -----------------------------------------------------------------------------------------
 
-FACTORING = '''
+FACTORING = """
 import math
 import random
 import threading
@@ -573,7 +573,7 @@ def random_probe(n):
 
 
 STRATEGIES = [trial_division_up, trial_division_down, fermat, pollard_rho, random_probe]
-'''
+"""
 
 
 def nb03() -> NotebookNode:
@@ -655,7 +655,9 @@ def nb03() -> NotebookNode:
 
         Run the next three cells, and press ■ while the second one runs. (When the test
         suite executes this notebook, nbclient presses it after 2 seconds: its
-        `interrupt_on_timeout` sends the same `interrupt_request` message as the button.)
+        `interrupt_on_timeout` sends the same `interrupt_request` message as the button.
+        Unattended, run it with `jupyter nbconvert --execute
+        --ExecutePreprocessor.timeout=10 --ExecutePreprocessor.interrupt_on_timeout=True`.)
         """),
         code("counter = -1", name="counter"),
         code("""

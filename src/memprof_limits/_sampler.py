@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import inspect
 import os
 import sys
 import threading
@@ -103,6 +105,7 @@ _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py,
 # RecursionError in ArgumentError), and a plain C call.
 (
     _masked_call,
+    _quiet_call,
     _bracket,
     _tramp_enter,
     _tramp_exit,
@@ -250,6 +253,11 @@ def _after_fork() -> None:
 def init_native(describe: Callable[[str], str]) -> None:
     """Hand the exception classes and the Python callbacks to the C side."""
     _exceptions.Interrupted._describe = describe
+    # Their construction runs masked from C (native/masking.c, quiet_call).
+    init = _exceptions.Interrupted.__init__
+    quiet_init = functools.partial(_quiet_call, init)
+    quiet_init.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
+    _exceptions.Interrupted.__init__ = _instancemethod(quiet_init)  # type: ignore[method-assign]
     set_ = _set_classes(
         _exceptions.Interrupted,
         _exceptions.MemoryLimitExceeded,

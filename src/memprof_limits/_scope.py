@@ -315,9 +315,10 @@ class LimitScope:
                 "combine tokens (a Token can be set by several parties) or nest fewer scopes"
             )
         if ctl.active == 0:
-            # Nothing pending survives a task.  Both are idempotent: they need
-            # no undo if what follows fails.
+            # Nothing pending survives a task, nor the hold of the last
+            # interrupt.  All idempotent: no undo if what follows fails.
             st.clear_pending(_ALL_REASONS)
+            ctl.hold_until = 0
             _delivery.activate(st)
         # 2. Change the state; on any failure, restore it exactly.
         n_scopes = len(scopes)

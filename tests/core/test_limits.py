@@ -897,3 +897,30 @@ def test_nested_and_threaded_tasks_are_charged_their_own_work() -> None:
 def test_limit_none_is_a_type_error_that_says_what_to_do() -> None:
     with pytest.raises(TypeError, match=r"limit: expected a number of bytes.*got None.*LimitScope"):
         ml.limit_allocations(lambda: None, limit=None)  # type: ignore[arg-type]
+
+
+def test_the_interrupt_keeps_the_frames_of_the_task_it_stopped() -> None:
+    """While an interrupt unwinds the task, samples re-arm it (its cause is still pending).
+    On 3.11 the bracket then normalized the exception -- a call of the class, Python code --
+    with the re-armed one landing inside ``__init__`` and replacing it: a traceback of one
+    library frame, the task's frames lost (a kernel report with no frames, issue 13).  With
+    every byte sampled, it happened at every run."""
+    proc = run_python(
+        """
+        import traceback, memprof_limits as ml
+        ml.stop()
+        ml.start(sampling_rate=1.0)
+        def deep(n):
+            if n == 0:
+                while True:
+                    bytearray(1000)
+            return deep(n - 1)
+        for _ in range(20):
+            r = ml.limit_allocations(lambda: deep(50), limit="1 MB")
+            assert isinstance(r.exc, ml.AllocationLimitExceeded), r
+            names = [f.name for f in traceback.extract_tb(r.exc.__traceback__)]
+            assert names.count("deep") == 51, names
+        print("ok")
+        """
+    )
+    assert proc.stdout == "ok\n"

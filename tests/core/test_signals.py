@@ -25,6 +25,7 @@ import pytest
 
 import memprof_limits as ml
 from memprof_limits import _delivery, _sampler
+from tests.conftest import run_python
 
 BUDGET = 1_000_000
 pytestmark = pytest.mark.skipif(
@@ -490,6 +491,45 @@ def test_one_cause_is_not_delivered_again_inside_its_own_handler() -> None:
         assert isinstance(result, ml.Error), (path, result)
         assert trace == ["handler", "handler done", "swallowed"], (path, trace)
     assert_clean_thread()
+
+
+def test_an_interrupt_unwinding_to_its_handler_is_not_armed_again() -> None:
+    """Item 14, the unwinding: between the raise and the handler, the traceback grows by one
+    object per frame -- allocations, hence samples, each wanting to re-arm the pending cause.
+    CPython creates each entry with the exception taken out of the thread state, so a sample
+    there sees no exception at all; the hold after an interrupt's creation covers it.  With
+    every byte sampled and 50 frames to unwind, a second delivery used to land at the
+    handler's first instruction (caught by the outer handler) at every run."""
+    proc = run_python(
+        """
+        import memprof_limits as ml
+        ml.stop()
+        ml.start(sampling_rate=1.0)
+        def deep(n):
+            if n == 0:
+                while True:
+                    bytearray(1000)
+            return deep(n - 1)
+        for _ in range(100):
+            trace = []
+            def task():
+                try:
+                    try:
+                        deep(50)
+                    except ml.AllocationLimitExceeded:
+                        trace.append("inner")
+                except ml.AllocationLimitExceeded:
+                    trace.append("outer")
+                trace.append("swallowed")
+                while True:  # sticky: it comes back
+                    bytearray(1000)
+            result = ml.limit_allocations(task, limit="1 MB")
+            assert isinstance(result, ml.Error), result
+            assert trace == ["inner", "swallowed"], trace
+        print("ok")
+        """
+    )
+    assert proc.stdout == "ok\n"
 
 
 def test_worker_thread_handler_is_not_re_armed_by_its_own_samples() -> None:

@@ -260,11 +260,17 @@ def batch(s: Shared, iteration: Callable[[Shared], None]) -> str:
             return "never interrupted"
 
 
+_LIBRARY_DIR = os.path.dirname(ml.__file__) + os.sep
+
+
 def landing_site(exc: BaseException) -> tuple[str, int]:
+    """The innermost frame of the task's own code in ``exc``'s traceback: where it landed
+    (the main thread's delivery raises from the library's signal handler, called there)."""
     tb = exc.__traceback__
     site = ("?", 0)
     while tb is not None:
-        site = (tb.tb_frame.f_code.co_name, tb.tb_lineno)
+        if not tb.tb_frame.f_code.co_filename.startswith(_LIBRARY_DIR):
+            site = (tb.tb_frame.f_code.co_name, tb.tb_lineno)
         tb = tb.tb_next
     return site
 

@@ -206,6 +206,10 @@ def _counts_02(run: Any) -> dict[str, Any]:
     step12 = run.cell("02-step-12")
     assert text(step12).startswith("16382\n"), text(step12)
     starved = only_error(run.cell("02-step-14"), "AllocationLimitExceeded")
+    # The report shows where the proof was stopped (it once showed only the last line:
+    # the interrupt's creation was interrupted, see docs/design.md).
+    shown = ANSI.sub("", "".join(errors(run.cell("02-step-14"))[0].traceback))
+    assert "size14 = prove_formula(chain(14))" in shown and " in prove" in shown, shown
     m = re.fullmatch(
         r"allocation limit of 10000000 bytes reached \((\d+) bytes "
         r"allocated\); nothing to roll back",
@@ -439,3 +443,30 @@ def test_06_profiler_estimates_match_the_exact_count(executed: Any) -> None:
         for cell_id in ("06-by-stage", "06-flame-graph"):
             pngs = [o for o in run.cell(cell_id).outputs if "image/png" in o.get("data", {})]
             assert len(pngs) == 1, cell_id
+
+
+def test_notebook_03_runs_unattended_with_the_documented_command(
+    kernelspec: Path, tmp_path: Path
+) -> None:
+    """docs/index.md's ``jupyter nbconvert --execute`` command for notebook 3, as written
+    (output directory aside): its cells that wait for ■ are interrupted at the timeout, the
+    run ends, and the interrupted cells were rolled back."""
+    import shlex
+    import subprocess
+
+    doc = (ROOT / "docs" / "index.md").read_text()
+    m = re.search(r"```bash\n(jupyter nbconvert .*?)\n```", doc, re.S)
+    assert m, "docs/index.md: no jupyter nbconvert command"
+    args = shlex.split(m.group(1).replace("\\\n", " "))
+    args[0] = str(Path(sys.executable).with_name("jupyter"))
+    args[args.index("--output-dir") + 1] = str(tmp_path)
+    proc = subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = nbformat.read(tmp_path / "03-cancellation.ipynb", as_version=4)
+    cells = {c.get("id"): c for c in nb.cells}
+    assert only_error(cells["03-busy-loop"], "Interrupted")
+    assert text(cells["03-counter-after"]).strip() == "-1"
+    assert only_error(cells["03-sleep"], "Interrupted")
+    assert text(cells["03-sleep-after"]).strip() == "False"
