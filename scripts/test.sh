@@ -85,7 +85,9 @@ printf 'memprof-limits tests: %s, %s cores, commit %s, CI=%s\n' "$(date -u '+%F 
 STEPS=()                      # in order
 declare -A STEP_RESULT=() STEP_TIME=() STEP_NOTE=()
 FAILED_STEPS=0
-TOTAL_PASSED=0 TOTAL_FAILED=0 TOTAL_SKIPPED=0
+TOTAL_PASSED=0 TOTAL_FAILED=0 TOTAL_SKIPPED=0                      # pytest's closing lines
+TOTAL_SUBPASSED=0 TOTAL_SUBFAILED=0 TOTAL_PYTEST_FAILED=0           # and their subtests
+REGRTEST_RUN=0 REGRTEST_FAILURES=0 REGRTEST_SKIPPED=0               # CPython's "Total tests"
 
 banner() { printf '\n\033[1m======== %s ========\033[0m\n' "$*"; }
 
@@ -135,8 +137,15 @@ summary() {
     else
         echo "RESULT: OK"
     fi
-    ((BUILD_ONLY || LINT_ONLY)) ||
-        echo "$TOTAL_PASSED passed, $TOTAL_FAILED failed, $TOTAL_SKIPPED skipped"
+    ((BUILD_ONLY || LINT_ONLY)) && return
+    # The sums of what the runners printed, and the failures of the other steps.
+    echo "pytest: $TOTAL_PASSED passed, $TOTAL_PYTEST_FAILED failed, $TOTAL_SKIPPED skipped" \
+        "(subtests: $TOTAL_SUBPASSED passed, $TOTAL_SUBFAILED failed)"
+    ((REGRTEST_RUN)) && echo "CPython regrtest with the engine: run=$REGRTEST_RUN" \
+        "failures=$REGRTEST_FAILURES skipped=$REGRTEST_SKIPPED"
+    # Last, in the format CI reads: pytest's passed and skipped; failed = pytest's failures
+    # plus one per other failed step (install, ruff, mypy, regrtest).
+    echo "$TOTAL_PASSED passed, $TOTAL_FAILED failed, $TOTAL_SKIPPED skipped"
 }
 
 # ---- Debian packages ------------------------------------------------------------------------
@@ -256,7 +265,8 @@ EOF
 # ---- pytest ---------------------------------------------------------------------------------
 # run_pytest X.Y: pytest with the extra args; adds its counts to the totals.
 run_pytest() {
-    local v=$1 xml=$LOGDIR/pytest-$1.xml t0=$SECONDS rc counts passed failed skipped ran note
+    local v=$1 xml=$LOGDIR/pytest-$1.xml log=$LOGDIR/pytest-$1.log t0=$SECONDS rc counts
+    local passed failed skipped ran subpassed subfailed note
     banner "$v pytest"
     rm -f "$xml"
     if ((SECONDS - T_START >= BUDGET)); then
@@ -265,28 +275,34 @@ run_pytest() {
         FAILED_STEPS=$((FAILED_STEPS + 1)) TOTAL_FAILED=$((TOTAL_FAILED + 1))
         return
     fi
-    budgeted .venvs/"$v"/bin/python -m pytest --junitxml="$xml" "${PYTEST_ARGS[@]}" </dev/null
-    rc=$?
+    budgeted .venvs/"$v"/bin/python -m pytest --junitxml="$xml" "${PYTEST_ARGS[@]}" </dev/null |
+        tee "$log"
+    rc=${PIPESTATUS[0]}
     ((rc == 124)) && echo "!! pytest stopped: the script's time budget (${BUDGET}s) ran out"
-    counts=$(.venvs/"$v"/bin/python - "$xml" <<'EOF'
+    # The counts of pytest's own closing line ("== 2 failed, 867 passed, 1 skipped, 14
+    # subtests passed in 300.47s =="), not the JUnit file's (which counts subtests as tests).
+    counts=$(.venvs/"$v"/bin/python - "$log" <<'EOF'
+import re
 import sys
-import xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except (OSError, ET.ParseError):
-    print("0 0 0 0")
-    raise SystemExit
-t = f = e = s = 0
-for suite in root.iter("testsuite"):
-    t += int(suite.get("tests", 0))
-    f += int(suite.get("failures", 0))
-    e += int(suite.get("errors", 0))
-    s += int(suite.get("skipped", 0))
-print(t - f - e - s, f + e, s, t)
+text = open(sys.argv[1], encoding="utf-8", errors="replace").read()
+text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+lines = re.findall(r"^=+ (.*?) in [0-9.]+s(?: \([0-9:]+\))? =+$", text, re.M)
+found = {}
+for n, what in re.findall(
+    r"(\d+) (subtests passed|subtests failed|passed|failed|errors?|skipped|xfailed|xpassed)",
+    lines[-1] if lines else "",
+):
+    found["error" if what.startswith("error") else what] = int(n)
+passed = found.get("passed", 0) + found.get("xpassed", 0)
+failed = found.get("failed", 0) + found.get("error", 0)
+skipped = found.get("skipped", 0) + found.get("xfailed", 0)
+sub_passed, sub_failed = found.get("subtests passed", 0), found.get("subtests failed", 0)
+print(passed, failed, skipped, passed + failed + skipped, sub_passed, sub_failed)
 EOF
     )
-    read -r passed failed skipped ran <<<"$counts"
+    read -r passed failed skipped ran subpassed subfailed <<<"$counts"
     note="$passed passed, $failed failed, $skipped skipped"
+    ((subpassed + subfailed)) && note="$note (subtests: $subpassed passed, $subfailed failed)"
     if ((rc == 5)) || ((ran == 0 && rc == 0)); then
         note="no tests ran (pytest exit status $rc)"
         ((failed == 0)) && failed=1
@@ -299,6 +315,8 @@ EOF
         failed=1
     fi
     TOTAL_PASSED=$((TOTAL_PASSED + passed))
+    TOTAL_PYTEST_FAILED=$((TOTAL_PYTEST_FAILED + failed))
+    TOTAL_SUBPASSED=$((TOTAL_SUBPASSED + subpassed)) TOTAL_SUBFAILED=$((TOTAL_SUBFAILED + subfailed))
     TOTAL_FAILED=$((TOTAL_FAILED + failed))
     TOTAL_SKIPPED=$((TOTAL_SKIPPED + skipped))
     record "$v pytest" "$rc" $((SECONDS - t0)) "$note"
@@ -316,6 +334,19 @@ run_regrtest() {
     budgeted .venvs/"$v"/bin/python scripts/cpython_regrtest.py ${REGRTEST_ARGS:-} 2>&1 |
         tee "$log"
     return "${PIPESTATUS[0]}"
+}
+
+# count_regrtest X.Y: adds CPython's own "Total tests: run=N failures=F skipped=S" line of the
+# run with the engine (the first such line: a diagnosis re-run without it may follow).
+count_regrtest() {
+    local line run failures skipped
+    line=$(grep -m1 '^Total tests: run=' "$LOGDIR/regrtest-$1.log" 2>/dev/null)
+    run=$(sed -n 's/.*run=\([0-9]*\).*/\1/p' <<<"$line")
+    failures=$(sed -n 's/.*failures=\([0-9]*\).*/\1/p' <<<"$line")
+    skipped=$(sed -n 's/.*skipped=\([0-9]*\).*/\1/p' <<<"$line")
+    REGRTEST_RUN=$((REGRTEST_RUN + ${run:-0}))
+    REGRTEST_FAILURES=$((REGRTEST_FAILURES + ${failures:-0}))
+    REGRTEST_SKIPPED=$((REGRTEST_SKIPPED + ${skipped:-0}))
 }
 
 # counted_step NAME CMD...: a step whose failure counts as one failure in the closing line.
@@ -348,6 +379,7 @@ for v in "${VERSIONS[@]}"; do
         counted_step "$v regrtest (engine)" run_regrtest "$v"
         STEP_NOTE["$v regrtest (engine)"]=$(sed -n 's/^== regrtest [0-9.]* engine: //p' \
             "$LOGDIR/regrtest-$v.log" 2>/dev/null | tail -n 1)
+        count_regrtest "$v"
     fi
 done
 

@@ -130,10 +130,12 @@ def test_tracked_blocks_follow_frees() -> None:
     assert c_start(1, 1) == ml_ok()
     assert lib.ml_memprof_is_tracking() == 1
     blocks = [bytearray(MIB) for _ in range(20)]  # each buffer is sampled for sure
+    live: set[int] = set()
     tracked = lib.ml_memprof_tracked_blocks()
     assert tracked >= 20
-    live: set[int] = set()
-    assert c_live_ids(live) == tracked == len(live)
+    n = c_live_ids(live)
+    # Every allocation is sampled: the set's own growth while it is filled may add blocks.
+    assert n == len(live) and tracked <= n <= tracked + 8, (n, tracked, len(live))
     records = {r[0]: r for r in drain()}
     big = [rid for rid, r in records.items() if r[2] == MIB + 1]
     assert len(big) == 20 and set(big) <= live
