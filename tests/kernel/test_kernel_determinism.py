@@ -93,3 +93,37 @@ def test_count_depends_on_the_rule_order(kernel: Kernel) -> None:
     kernel.ok("ORDER = ['drop', 'flip', 'push1', 'push0', 'swap']")
     other = kernel.ok(PROVED).figures["allocated_bytes"]
     assert abs(other - first) > 10 * FREE_LIST_SLACK, (first, other)
+
+
+# A search over tuples (notebook 02's prover is one): tuples come from CPython's free lists,
+# which the kernel's other threads also use between GIL switches, and the cyclic GC's
+# timing depends on every thread's allocations -- both move the count a little.
+TUPLES = '''
+def sequents(n):
+    """All ways to split n formulas between two sides, as nested tuples (a prover's work)."""
+    if n == 0:
+        return [((), ())]
+    out = []
+    for left, right in sequents(n - 1):
+        out.append((left + (("var", n),), right))
+        out.append((left, right + (("not", ("var", n)),)))
+    return out
+'''
+TUPLES_STEP = "%%limits allocations=50MB\nsplits = len(sequents(14))"
+# Measured on 3.11 (10 fresh kernels, notebook 02's 7.5 MB proof step): at most 216 bytes
+# apart; docs/kernel.md, "Determinism".
+TUPLE_SLACK = 1024
+
+
+def test_a_tuple_search_varies_by_at_most_a_few_objects_between_fresh_kernels() -> None:
+    counts = []
+    for _ in range(3):
+        k = Kernel(MESSAGE)
+        try:
+            k.ok(TUPLES)
+            r = k.ok(TUPLES_STEP)
+            counts.append(r.figures["allocated_bytes"])
+        finally:
+            k.close()
+    assert min(counts) > 1_000_000, counts
+    assert max(counts) - min(counts) <= TUPLE_SLACK, counts
