@@ -108,7 +108,7 @@ def table(title: str, counts: dict[str, dict[str, int]], names: list[str]) -> No
     gm = [
         f"**{geomean([counts[m][w] / counts['nohook'][w] for w in names]):.4f}**" for m in MODES[1:]
     ]
-    print("| **geomean** | " + " | " * (len(MODES) - 1) + " | ".join(gm) + " |\n")
+    print("| **geomean** | " + " | ".join([""] * len(MODES) + gm) + " |\n")
 
 
 def main() -> None:
