@@ -245,9 +245,11 @@ class Guarded(Generic[T]):
 
     def transaction(self) -> _Transaction[T]:
         """A context manager: checkpoint on entry; roll back on exit if the
-        block is left by an :class:`Interrupted` or while the task is being
-        interrupted (:func:`is_interrupted`); commit otherwise.  Entry and
-        exit run masked."""
+        block is left by an asynchronous exception -- an :class:`Interrupted`
+        or a ``KeyboardInterrupt``, which can land half-way through it -- or
+        while the task is being interrupted (:func:`is_interrupted`); commit
+        otherwise (an ordinary exception is the block's own doing, as without
+        a guard).  Entry and exit run masked."""
         return _Transaction(self)
 
 
@@ -265,7 +267,9 @@ class _Transaction(Generic[T]):
         return self._guarded
 
     def _ml_exit(self, et: Any, ev: Any, tb: Any) -> bool:
-        if self._checkpoint is not None and (isinstance(ev, Interrupted) or is_interrupted()):
+        if self._checkpoint is not None and (
+            isinstance(ev, (Interrupted, KeyboardInterrupt)) or is_interrupted()
+        ):
             self.report = self._guarded.rollback(self._checkpoint)
         self._checkpoint = None
         return False

@@ -136,6 +136,17 @@ def test_an_ordinary_exception_commits() -> None:
     assert guarded.value == {"x": 2}
 
 
+def test_a_keyboard_interrupt_rolls_back() -> None:
+    """Ctrl+C in a program without sigint_sets: asynchronous like an interrupt, it can land
+    half-way through the block -- which then must not be committed."""
+    guarded = ml.Guarded({"x": 1}, track=False)
+    with pytest.raises(KeyboardInterrupt), guarded.transaction() as transaction_value:
+        guarded.value["x"] = 2
+        raise KeyboardInterrupt
+    assert transaction_value is guarded
+    assert guarded.value == {"x": 1}
+
+
 def test_a_swallowed_interrupt_still_rolls_back() -> None:
     guarded = ml.Guarded({"x": 1}, track=False)
 
