@@ -739,9 +739,11 @@ def _describe(reason: str) -> str:
     if reason == "memory":
         # The figure read when the limit was found exceeded: by the time the
         # exception is created (late on 3.11) the task's memory may be gone.
+        block = _sampler.over_limit_block_bytes()
+        with_block = f" with a block of {format_bytes(block)} being allocated" if block else ""
         return (
             f"global memory limit of {format_bytes(_global_limit or 0)} exceeded "
-            f"(resident memory {format_bytes(_sampler.over_limit_rss_bytes())})"
+            f"(resident memory {format_bytes(_sampler.over_limit_rss_bytes())}{with_block})"
         )
     return "cancelled: the token was set"
 

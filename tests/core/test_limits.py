@@ -469,6 +469,8 @@ result = ml.limit_global_memory(big)
 assert isinstance(result, ml.Error), result
 assert isinstance(result.exc, ml.MemoryLimitExceeded), result.exc
 assert "global memory limit" in str(result.exc), result.exc
+if KIND == "bytes":  # found before its pages were touched: the message says why
+    assert "with a block of 800.0 MiB being allocated" in str(result.exc), result.exc
 del result
 gc.collect()
 ml.release_memory()
