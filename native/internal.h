@@ -57,6 +57,10 @@ PyObject *ml_armed_exception(void);
 /* Disarm it: the armed class (a new reference), or NULL. */
 PyObject *ml_take_armed_exception(void);
 
+/* quiet_call: an instance of `type` is being created on ctl's thread (the
+ * one-cause rule's hold and grace start if it is the armed interrupt). */
+void ml_interrupt_created(ml_ctl_t *ctl, PyTypeObject *type);
+
 /* masking.c: the [GIL] builtins, as a tuple, for _sampler.py. */
 PyAPI_FUNC(PyObject *) ml_builtins(void);
 #endif

@@ -317,20 +317,19 @@ static PyObject *masked_call(ml_ctl_t *ctl, PyObject *fn, PyObject *const *args,
  * task's frames lost; 3.12+: nested __init__ calls, a RecursionError when
  * every byte is sampled).  Entered from C, the construction is masked from
  * its first instruction; what was armed meanwhile is ours and stays pending.
- * Samples then wait ML_REDELIVER_HOLD bytes before arming again (the
- * exception unwinds meanwhile: ml_ctl_t.hold_until). */
+ * If it is the interrupt armed on the thread, the one-cause rule's hold
+ * and grace start (ml_ctl_t.armed_class). */
 static PyObject *b_quiet_call(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 1) {
         PyErr_SetString(PyExc_TypeError, "quiet_call(fn, *args): fn is required");
         return NULL;
     }
-    ml_ctl_t *ctl = current_ctl();
-    if (ctl == NULL) return NULL;
-    PyObject *r = masked_call(ctl, args[0], args + 1, (size_t)(nargs - 1), 0, NULL, 0);
-    int64_t now = ml_allocated();
-    ctl->hold_until = now > INT64_MAX - ML_REDELIVER_HOLD ? INT64_MAX : now + ML_REDELIVER_HOLD;
-    return r;
+    ml_ctl_t *ctl = ml_get_ctl();
+    if (ctl == NULL)  /* this thread never ran a task: nothing to mask */
+        return PyObject_Vectorcall(args[0], args + 1, (size_t)(nargs - 1), NULL);
+    if (nargs >= 2) ml_interrupt_created(ctl, Py_TYPE(args[1]));
+    return masked_call(ctl, args[0], args + 1, (size_t)(nargs - 1), 0, NULL, 0);
 }
 
 /* masked_call(fn, *args) */
@@ -563,40 +562,68 @@ static int phase_is(PyObject *phase, const char *name)
 
 static PyObject *g_gc_first, *g_gc_last;   /* the gc_first/gc_last builtins (GIL; set once) */
 
-/* Keep gc_first at the head of gc.callbacks and gc_last at its tail, where
- * they open the region before every other callback and end it after every
- * other one: a callback appended since _delivery placed them (a library
- * registering one inside a task) would otherwise run unmasked at "stop"; one
- * inserted at the head runs unmasked in this collection only.  CPython walks
- * the live list by index and gc_first is the callback running: moving it to
- * index 0 shifts only what already ran, moving gc_last from behind it to the
- * tail skips nothing.  Returns whether gc_last is in the list at all. */
-static int gc_guard_callbacks(void)
+/* Keep gc_first at the head of gc.callbacks and gc_last twice at its tail,
+ * where they open the region before every other callback and end it after
+ * every other one: a callback appended since (a library registering one
+ * inside a task) would otherwise run unmasked at "stop"; one inserted at the
+ * head runs unmasked in this collection only.  Twice, because CPython walks
+ * the live list by index: a callback that removes itself makes the walk skip
+ * the next entry -- a single gc_last behind it would be skipped and the
+ * region left open.  Moves must not make the walk skip or repeat anyone:
+ * during a collection gc_first is the callback running, at index `current`;
+ * moving it to index 0 shifts only entries that already ran, and a gc_last
+ * is moved only from behind it.  Outside a collection (current = -1: the
+ * task's start), both are inserted if missing.  Returns whether gc_last is
+ * in the list at all. */
+static PyObject *g_gc_callbacks;  /* gc.callbacks (GIL; fetched once: CPython's collector
+                                    keeps calling that list even if the attribute is rebound) */
+
+static int gc_guard_callbacks(int in_collection)
 {
-    PyObject *saved = PyErr_GetRaisedException();  /* (none is expected) */
-    PyObject *name = PyUnicode_InternFromString("gc");
-    PyObject *gc = name ? PyImport_GetModule(name) : NULL;
-    Py_XDECREF(name);
-    PyObject *cbs = gc ? PyObject_GetAttrString(gc, "callbacks") : NULL;
-    Py_XDECREF(gc);
-    int found = 0;
-    if (cbs != NULL && PyList_Check(cbs)) {
+    PyObject *cbs = g_gc_callbacks;
+    if (cbs != NULL) {  /* the common case, at every collection: all in place */
         Py_ssize_t n = PyList_GET_SIZE(cbs);
-        for (Py_ssize_t i = 1; i < n; i++) {
-            if (PyList_GET_ITEM(cbs, i) != g_gc_first) continue;
-            if (PyList_SetSlice(cbs, i, i + 1, NULL) == 0) PyList_Insert(cbs, 0, g_gc_first);
-            break;
-        }
-        n = PyList_GET_SIZE(cbs);
-        for (Py_ssize_t i = n - 1; i >= 0 && !found; i--) {
-            if (PyList_GET_ITEM(cbs, i) != g_gc_last) continue;
-            found = 1;
-            if (i != n - 1 && (PyList_SetSlice(cbs, i, i + 1, NULL) < 0 ||
-                               PyList_Append(cbs, g_gc_last) < 0))
-                found = 0;  /* (a failed append: gc_first ends the region) */
-        }
+        if (n >= 3 && PyList_GET_ITEM(cbs, 0) == g_gc_first &&
+            PyList_GET_ITEM(cbs, n - 1) == g_gc_last && PyList_GET_ITEM(cbs, n - 2) == g_gc_last)
+            return 1;
     }
-    Py_XDECREF(cbs);
+    PyObject *saved = PyErr_GetRaisedException();  /* (none is expected) */
+    if (cbs == NULL) {
+        PyObject *name = PyUnicode_InternFromString("gc");
+        PyObject *gc = name ? PyImport_GetModule(name) : NULL;
+        Py_XDECREF(name);
+        cbs = gc ? PyObject_GetAttrString(gc, "callbacks") : NULL;
+        Py_XDECREF(gc);
+        if (cbs != NULL && !PyList_Check(cbs)) Py_CLEAR(cbs);
+        g_gc_callbacks = cbs;  /* (kept: a strong reference for good) */
+    }
+    int found = 0;
+    if (cbs != NULL) {
+        Py_ssize_t current = -1, n = PyList_GET_SIZE(cbs);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (PyList_GET_ITEM(cbs, i) == g_gc_first) {
+                current = i;
+                break;
+            }
+        }
+        if (current > 0) {
+            if (PyList_SetSlice(cbs, current, current + 1, NULL) == 0)
+                PyList_Insert(cbs, 0, g_gc_first);
+        } else if (current < 0 && !in_collection) {
+            PyList_Insert(cbs, 0, g_gc_first);
+            current = 0;
+        }
+        if (!in_collection) current = -1;  /* nothing ran: every entry may move */
+        /* gc_last: removed from behind `current`, then appended twice. */
+        int had = 0;
+        for (Py_ssize_t i = PyList_GET_SIZE(cbs) - 1; i > current; i--) {
+            if (PyList_GET_ITEM(cbs, i) != g_gc_last) continue;
+            had = 1;
+            if (PyList_SetSlice(cbs, i, i + 1, NULL) < 0) break;
+        }
+        if (had || !in_collection)
+            found = PyList_Append(cbs, g_gc_last) == 0 && PyList_Append(cbs, g_gc_last) == 0;
+    }
     PyErr_Clear();
     if (saved != NULL) PyErr_SetRaisedException(saved);
     return found;
@@ -606,12 +633,16 @@ static PyObject *b_gc_first(PyObject *mod, PyObject *const *args, Py_ssize_t nar
 {
     ml_ctl_t *ctl = ml_get_ctl();
     if (ctl == NULL || nargs < 1) Py_RETURN_NONE;
-    int have_last = gc_guard_callbacks();
-    if (ctl->gc_masked && phase_is(args[0], "stop") && !have_last) {
-        ctl->gc_masked = 0;  /* gc_last is gone: end the region here */
+    int have_last = gc_guard_callbacks(1);
+    int start = phase_is(args[0], "start");
+    if (ctl->gc_masked && (start || !have_last)) {
+        /* "stop" with gc_last gone: end the region here.  "start" with it
+         * still open: the last collection's "stop" never reached gc_last
+         * (gc.callbacks changed under it) -- end that one first. */
+        ctl->gc_masked = 0;
         mask_exit(ctl, 0, NULL);
     }
-    if (!ctl->gc_masked && phase_is(args[0], "start")) {
+    if (start) {
         PyObject *other = NULL;
         ctl->gc_masked = 1;
         mask_enter(ctl, &other);
@@ -620,6 +651,13 @@ static PyObject *b_gc_first(PyObject *mod, PyObject *const *args, Py_ssize_t nar
             return NULL;
         }
     }
+    Py_RETURN_NONE;
+}
+
+/* gc_guard(): put gc_first and gc_last in place (a task's start). */
+static PyObject *b_gc_guard(PyObject *mod, PyObject *unused)
+{
+    gc_guard_callbacks(0);
     Py_RETURN_NONE;
 }
 
@@ -665,6 +703,8 @@ static PyMethodDef g_builtins[] = {
      "gc.callbacks head: a collection starts masked."},
     {"gc_last", (PyCFunction)(void (*)(void))b_gc_last, METH_FASTCALL,
      "gc.callbacks tail: the masked collection ends."},
+    {"gc_guard", b_gc_guard, METH_NOARGS,
+     "Put gc_first at the head of gc.callbacks and gc_last twice at its tail."},
     {"take_deferred_signals", b_take_deferred_signals, METH_NOARGS,
      "The signals deferred in this masked region, forgotten (bit n-1: signal n)."},
     {NULL, NULL, 0, NULL},

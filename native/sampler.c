@@ -359,16 +359,44 @@ static int handling(PyThreadState *ts, PyObject *cls, PyObject *ignore)
     return 0;
 }
 
-/* The one-cause rule for an arm of ctl's thread ts with class cls: refused
- * while ts raises or handles one; at a sample (ts may be anywhere, even
- * inside PyTraceBack_Here), also until ml_ctl_t.hold_until. */
-static int held(ml_ctl_t *ctl, PyThreadState *ts, PyObject *cls, PyObject *ignore, int sampled)
+/* The one-cause rule for an arm of ctl's thread ts with class cls
+ * (ml_ctl_t.armed_class ...).  `same_thread`: ts is the calling thread (its
+ * count is ml_allocated()); `sampled`: the arm comes from a sample, which
+ * may be anywhere (even inside PyTraceBack_Here).  Returns 1 if refused. */
+static int held(ml_ctl_t *ctl, PyThreadState *ts, PyObject *cls, PyObject *ignore,
+                int same_thread, int sampled)
 {
-    if (handling(ts, cls, ignore) || (sampled && ml_allocated() < ctl->hold_until)) {
+    int64_t now = same_thread ? ml_allocated() : 0;
+    if (handling(ts, cls, ignore)) {
+        /* Not again inside its own handler -- within bounds. */
+        int expired = same_thread ? now >= ctl->grace_until
+                                  : ++ctl->handler_rounds > ML_HANDLER_ROUNDS;
+        if (!expired) {
+            ctl->deferred++;
+            return 1;
+        }
+        return 0;
+    }
+    if (!same_thread) ctl->handler_rounds = 0;
+    if (sampled && cls == (PyObject *)ctl->hold_class && now < ctl->hold_until) {
         ctl->deferred++;
         return 1;
     }
     return 0;
+}
+
+/* quiet_call: an instance of `type` is being created on ctl's thread; if it
+ * is the interrupt armed there, start the hold and the grace. */
+void ml_interrupt_created(ml_ctl_t *ctl, PyTypeObject *type)
+{
+    PyObject *armed = (PyObject *)ctl->armed_class;
+    if (armed == NULL || !PyType_Check(armed) || !PyType_IsSubtype(type, (PyTypeObject *)armed))
+        return;
+    ctl->armed_class = NULL;
+    int64_t now = ml_allocated();
+    ctl->hold_class = armed;
+    ctl->hold_until = now > INT64_MAX - ML_REDELIVER_HOLD ? INT64_MAX : now + ML_REDELIVER_HOLD;
+    ctl->grace_until = now > INT64_MAX - ML_HANDLER_GRACE ? INT64_MAX : now + ML_HANDLER_GRACE;
 }
 
 PyObject *ml_armed_exception(void)
@@ -401,7 +429,14 @@ static int arm_current_thread(ml_ctl_t *ctl, int64_t pending, PyObject *ignore, 
 {
     PyObject *cls = ml_class_for(pending);
     PyThreadState *ts = current_tstate();
-    if (cls == NULL || ts == NULL || held(ctl, ts, cls, ignore, sampled)) return 0;
+    if (cls == NULL || ts == NULL) return 0;
+    if (ts->interp != PyInterpreterState_Main()) {
+        /* A subinterpreter running on this thread (inside the task): our
+         * classes are the main interpreter's.  Armed when it returns. */
+        ctl->deferred++;
+        return 0;
+    }
+    if (held(ctl, ts, cls, ignore, 1, sampled)) return 0;
 #if PY_VERSION_HEX >= 0x030D0000
     if (ts->async_exc == NULL) {
         Py_INCREF(cls);
@@ -415,6 +450,7 @@ static int arm_current_thread(ml_ctl_t *ctl, int64_t pending, PyObject *ignore, 
     }
     _PyEval_SignalAsyncExc(ts->interp);
 #endif
+    ctl->armed_class = cls;
     ctl->arms++;
     return 1;
 }
@@ -1021,12 +1057,20 @@ PyAPI_FUNC(int) ml_arm(ml_ctl_t *ctl)
     for (PyThreadState *ts = PyInterpreterState_ThreadHead(PyInterpreterState_Main()); ts != NULL;
          ts = PyThreadState_Next(ts)) {
         if (ts->thread_id != ctl->thread_id) continue;
-        if (held(ctl, ts, cls, NULL, 0)) return 0;
+        if (held(ctl, ts, cls, NULL, 0, 0)) return 0;
         break;
     }
     if (PyThreadState_SetAsyncExc(ctl->thread_id, cls) != 1) return 0;
+    ctl->armed_class = cls;
     ctl->arms++;
     return 1;
+}
+
+/* [GIL] The main thread's signal delivery raises `pending`'s interrupt itself
+ * (_delivery.deliver_in_handler): it counts as armed for the one-cause rule. */
+PyAPI_FUNC(void) ml_mark_armed(ml_ctl_t *ctl, int64_t pending)
+{
+    if (ctl != NULL) ctl->armed_class = ml_class_for(pending);
 }
 
 /* Is an asynchronous exception armed on the current thread?  (Tests.) */

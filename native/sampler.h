@@ -17,10 +17,14 @@
 #define ML_REASON_ALLOCATIONS 2
 #define ML_REASON_TOKEN 4
 
-/* Bytes a thread allocates after an interrupt was created before a sample
- * may arm it again (ml_ctl_t.hold_until): unwinding a thousand frames
- * allocates about 150 kB. */
+/* The one-cause rule's bounds (ml_ctl_t.hold_until, grace_until,
+ * handler_rounds): bytes after an interrupt's creation before a sample may
+ * arm it again (unwinding a thousand frames allocates about 150 kB); bytes
+ * and watchdog rounds a handler of it may take before it is re-delivered
+ * inside the handler. */
 #define ML_REDELIVER_HOLD 1048576
+#define ML_HANDLER_GRACE 16777216
+#define ML_HANDLER_ROUNDS 10
 
 /* Most token scopes open at once on one thread. */
 #define ML_MAX_TOKENS 32
@@ -86,15 +90,23 @@ typedef struct {
      * bookkeeping runs; the scope pops itself.  Owner, GIL. */
     ml_marks_t *entering;
     ml_marks_t *top;
-    /* ml_allocated() of the owner below which an arm at a sample is refused:
-     * set ML_REDELIVER_HOLD bytes ahead when an interrupt is created on the
-     * thread (quiet_call).  While it unwinds towards its handler, each frame
-     * adds a traceback entry, created with the exception taken out of the
-     * thread state (PyTraceBack_Here): a sample there cannot tell it from a
-     * swallowed one.  A swallowed interrupt comes back after that many bytes
-     * (or at the watchdog's next round, the end of a masked region).  Owner,
-     * GIL. */
+    /* The one-cause rule's state (sampler.c, held()).  armed_class: the
+     * class of the interrupt last armed on the thread and not yet created
+     * (borrowed: the classes live for good).  When it is created
+     * (quiet_call), samples wait until hold_until (ML_REDELIVER_HOLD bytes
+     * later) before arming that class again: while it unwinds towards its
+     * handler, each frame adds a traceback entry, created with the exception
+     * taken out of the thread state (PyTraceBack_Here), where a sample cannot
+     * tell it from a swallowed one.  A handler of the cause is not
+     * interrupted by it again until grace_until (ML_HANDLER_GRACE bytes after
+     * the creation) or, for the watchdog, ML_HANDLER_ROUNDS of its rounds
+     * (handler_rounds counts them): a runaway handler does not escape its
+     * limit.  Owner writes with the GIL; the watchdog too, with the GIL. */
+    void *armed_class;
+    void *hold_class;
     int64_t hold_until;
+    int64_t grace_until;
+    int64_t handler_rounds;
 } ml_ctl_t;
 
 /* Engine life cycle (take the GIL internally). */

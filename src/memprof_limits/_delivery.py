@@ -66,8 +66,6 @@ Known failure cases
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import signal
 import sys
 import threading
@@ -131,8 +129,19 @@ def deliver_in_handler(frame: FrameType | None = None) -> None:
         if pending:
             cls = exception_class(pending)
             if isinstance(sys.exception(), cls):
-                return  # already being handled: delivered once
+                # Already being handled: delivered once -- within the bounds
+                # of the one-cause rule (native/sampler.h), so that a runaway
+                # handler does not escape its limit.
+                ctl.handler_rounds += 1
+                if (
+                    ctl.handler_rounds <= _sampler.HANDLER_ROUNDS
+                    and _sampler.allocated_bytes() < ctl.grace_until
+                ):
+                    return
+            else:
+                ctl.handler_rounds = 0
             ctl.arms += 1
+            _sampler.mark_armed(st, pending)
             raise cls()
 
 
@@ -160,17 +169,10 @@ def _ours() -> bool:
 
 
 def _guard_collections() -> None:
-    """Keep ``gc_first`` at the head of ``gc.callbacks`` and ``gc_last`` at its
-    tail: a cyclic collection (its finalizers and callbacks) runs masked."""
-    callbacks = gc.callbacks
-    if not callbacks or callbacks[0] is not _sampler.gc_first:
-        with contextlib.suppress(ValueError):
-            callbacks.remove(_sampler.gc_first)
-        callbacks.insert(0, _sampler.gc_first)
-    if callbacks[-1] is not _sampler.gc_last:
-        with contextlib.suppress(ValueError):
-            callbacks.remove(_sampler.gc_last)
-        callbacks.append(_sampler.gc_last)
+    """Keep ``gc_first`` at the head of ``gc.callbacks`` and ``gc_last`` (twice)
+    at its tail: a cyclic collection (its finalizers and callbacks) runs
+    masked (native/masking.c, gc_guard_callbacks)."""
+    _sampler.gc_guard()
 
 
 def activate(st: ThreadState) -> None:

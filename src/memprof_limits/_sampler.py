@@ -31,12 +31,14 @@ from ._native import ffi, lib  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = [
     "DEFAULT_SAMPLING_RATE",
+    "HANDLER_ROUNDS",
     "NO_BUDGET",
     "ThreadState",
     "allocated_bytes",
     "arm",
     "bracket",
     "ffi",
+    "mark_armed",
     "masked_call",
     "masked_methods",
     "start",
@@ -49,6 +51,8 @@ NO_BUDGET: Final = 2**63 - 1
 REASON_MEMORY: Final[int] = int(lib.ML_REASON_MEMORY)
 REASON_ALLOCATIONS: Final[int] = int(lib.ML_REASON_ALLOCATIONS)
 REASON_TOKEN: Final[int] = int(lib.ML_REASON_TOKEN)
+# Watchdog rounds a handler of its own interrupt gets (native/sampler.h).
+HANDLER_ROUNDS: Final[int] = int(lib.ML_HANDLER_ROUNDS)
 
 _dll = ctypes.PyDLL(_native_module.__file__)
 _py = ctypes.py_object
@@ -97,6 +101,7 @@ _c_numpy_patched = _fn("ml_numpy_patched", ctypes.c_int)
 _c_record_samples = _fn("ml_record_samples", None, _vp, _i64)
 _c_recorded_samples = _fn("ml_recorded_samples", _i64)
 _arm = _fn("ml_arm", ctypes.c_int, ctypes.c_void_p)
+_mark_armed = _fn("ml_mark_armed", None, ctypes.c_void_p, _i64)
 _async_exc_armed = _fn("ml_async_exc_armed", ctypes.c_int)
 _numpy_patch = _fn("ml_numpy_patch", ctypes.c_int, ctypes.c_void_p)
 _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py, _py, _py)
@@ -113,6 +118,7 @@ _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py,
     _after_fork_child,
     gc_first,
     gc_last,
+    gc_guard,
     take_deferred_signals,
 ) = _fn("ml_builtins", _py)()
 _instancemethod = ctypes.pythonapi.PyInstanceMethod_New
@@ -433,6 +439,13 @@ def set_track_rss(on: bool) -> None:
 def arm(st: ThreadState) -> bool:
     """Arm ``st``'s thread if it has a pending reason and is not masked."""
     return bool(_arm(st.address))
+
+
+def mark_armed(st: ThreadState, pending: int) -> None:
+    """The interrupt for ``pending`` is about to be raised on ``st``'s thread
+    by Python code (the main thread's signal delivery): the one-cause rule
+    treats its creation as that of an armed one."""
+    _mark_armed(st.address, pending)
 
 
 def async_exc_armed() -> bool:

@@ -243,6 +243,9 @@ class LimitScope:
         )
 
     def _init(self, memory: bool, allocations: int | None, token: Token | None) -> None:
+        if getattr(self, "_state", None) is not None and not getattr(self, "_closed", False):
+            # Its marks are linked from the thread's control block until it closes.
+            raise RuntimeError("a LimitScope cannot be initialized again while it is open")
         self.memory = memory
         self.allocations = allocations
         self.token = token
@@ -318,7 +321,8 @@ class LimitScope:
             # Nothing pending survives a task, nor the hold of the last
             # interrupt.  All idempotent: no undo if what follows fails.
             st.clear_pending(_ALL_REASONS)
-            ctl.hold_until = 0
+            ctl.armed_class = ctl.hold_class = ffi.NULL
+            ctl.hold_until = ctl.grace_until = ctl.handler_rounds = 0
             _delivery.activate(st)
         # 2. Change the state; on any failure, restore it exactly.
         n_scopes = len(scopes)

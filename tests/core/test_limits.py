@@ -926,3 +926,13 @@ def test_the_interrupt_keeps_the_frames_of_the_task_it_stopped() -> None:
         """
     )
     assert proc.stdout == "ok\n"
+
+
+def test_an_open_scope_cannot_be_initialized_again() -> None:
+    """Its task marks are linked from the thread's control block while it is open: a second
+    ``__init__`` would free them under the C side's feet."""
+    with ml.LimitScope(allocations="1 MB") as scope:
+        with pytest.raises(RuntimeError, match="initialized again while it is open"):
+            scope.__init__()  # type: ignore[misc]
+        bytearray(1000)
+    assert scope.allocated_bytes is not None and scope.allocated_bytes >= 1000

@@ -984,3 +984,32 @@ def test_gc_callbacks_and_finalizers_run_to_completion_with_an_interrupt_armed(
         "stop begin",
         "stop end 200",
     ], log
+
+
+def test_a_gc_callback_that_removes_itself_does_not_leave_the_thread_masked() -> None:
+    """CPython walks ``gc.callbacks`` by index: a callback that removes itself makes it skip
+    the next entry.  The library's tail callback (which ends the masked collection) sits
+    twice at the tail, so that one is still reached; the thread is not left masked for the
+    rest of the task -- and the next ones (a 1 MB limit used to let 20 GB through)."""
+    from memprof_limits._sampler import thread_state
+
+    def first() -> None:
+        def once(phase: str, info: dict[str, int]) -> None:
+            if phase == "stop":
+                gc.callbacks.remove(once)
+
+        gc.callbacks.append(once)
+        gc.collect()
+        assert thread_state().ctl.mask_depth == 0
+
+    assert isinstance(ml.limit_allocations(first, limit="1 GB"), ml.Ok)
+    assert thread_state().ctl.mask_depth == 0
+
+    def second() -> None:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            _ = [0] * 1000
+
+    result = ml.limit_allocations(second, limit="1 MB")
+    assert isinstance(result, ml.Error), result
+    assert "(100" in str(result.exc), result.exc

@@ -630,3 +630,106 @@ def test_random_coincidences_of_signals_and_interrupts(seed: int, handlers: None
     time.sleep(0.01)
     assert_clean_thread()
     assert len(outcomes) >= 3, outcomes
+
+
+# -- the one-cause rule's bounds (review of issue 12's fixes) ------------------------------------
+
+
+def test_interrupts_created_by_hand_do_not_hold_back_the_limit() -> None:
+    """Only the creation of an *armed* interrupt starts the hold: a task that builds
+    ``Cancelled`` objects itself (or meets a token already set) at least once per MiB is
+    still stopped by its own 1 MB limit -- it used to run unbounded (180 GB in 3 s)."""
+    done = ml.Token()
+    done.set()
+    for make in (lambda: ml.Cancelled("by hand"), lambda: ml.limit_with_token(int, token=done)):
+
+        def task(make: Callable[[], object] = make) -> None:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                make()
+                bytearray(500_000)
+
+        result = ml.limit_allocations(task, limit="1 MB")
+        assert isinstance(result, ml.Error), result
+        assert isinstance(result.exc, ml.AllocationLimitExceeded)
+        assert "(100" in str(result.exc), result.exc  # stopped just past 1 MB
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+@pytest.mark.parametrize("handler", ["spin", "allocating", "finally"])
+def test_a_runaway_handler_does_not_escape_its_limit(where: str, handler: str) -> None:
+    """A handler of its own interrupt is not interrupted by it again -- within bounds: after
+    16 MiB of allocation, or 10 watchdog rounds (~100 ms) without any, it is.  (It used to run
+    for as long as it liked: 60 GB inside an ``except`` under a 1 MB limit.)"""
+    outcome: list[tuple[object, float]] = []
+
+    def spin_after_cancel() -> None:
+        try:
+            while True:
+                pass
+        except ml.Cancelled:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pass
+
+    def allocate_after_limit() -> None:
+        try:
+            while True:
+                bytearray(1000)
+        except ml.AllocationLimitExceeded:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                bytearray(10_000)
+
+    def allocate_in_finally() -> None:
+        try:
+            while True:
+                bytearray(1000)
+        finally:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                bytearray(10_000)
+
+    def run() -> None:
+        t0 = time.monotonic()
+        if handler == "spin":
+            token = ml.Token()
+            threading.Timer(0.05, token.set).start()
+            result = ml.limit_with_token(spin_after_cancel, token=token)
+        else:
+            task = allocate_after_limit if handler == "allocating" else allocate_in_finally
+            result = ml.limit_allocations(task, limit="1 MB")
+        outcome.append((result, time.monotonic() - t0))
+
+    if where == "main":
+        run()
+    else:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(30)
+    ((result, elapsed),) = outcome
+    assert isinstance(result, ml.Error), result
+    assert elapsed < 3, elapsed  # the handler was cut short (it wanted 5 s)
+    if handler != "spin":
+        allocated = int(str(result.exc).split("(")[1].split()[0])
+        assert allocated < 1_000_000 + 2 * 2**24, result.exc  # within the 16 MiB grace
+
+
+def test_a_subinterpreter_inside_a_task_does_not_crash() -> None:
+    """The hooks are process-wide: a subinterpreter run by the task on its thread allocates
+    under the task's control block.  Its thread state must not be armed with the main
+    interpreter's classes (an abort on 3.11, a segfault on 3.12): the interrupt waits until
+    the subinterpreter returns."""
+    proc = run_python(
+        """
+        import _testcapi, memprof_limits as ml
+        def task():
+            return _testcapi.run_in_subinterp("x = [bytearray(1000) for _ in range(10**5)]")
+        r = ml.limit_allocations(task, limit="1 MB")
+        assert isinstance(r, ml.Error) and isinstance(r.exc, ml.AllocationLimitExceeded), r
+        r = ml.limit_allocations(lambda: bytearray(10**7), limit="1 MB")
+        assert isinstance(r, ml.Error), r
+        print("ok")
+        """
+    )
+    assert proc.stdout == "ok\n", proc
