@@ -13,6 +13,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# A child's prelude: every byte sampled, and deep(n), n frames over a loop that allocates
+# until its task is interrupted -- an interrupt then unwinds n + 1 frames, each adding a
+# traceback entry (an allocation, hence a sample).  For run_python(PRELUDE + dedent(...)).
+EVERY_BYTE_SAMPLED_DEEP = """\
+import memprof_limits as ml
+ml.stop()
+ml.start(sampling_rate=1.0)
+def deep(n):
+    if n == 0:
+        while True:
+            bytearray(1000)
+    return deep(n - 1)
+"""
+
+
 def run_python(
     code: str, *, timeout: float = 120, env: dict[str, str] | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,7 @@ import select
 import signal
 import socket
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from memprof_limits._native import lib  # type: ignore[import-not-found,unused-i
 
 import memprof_limits as ml
 from memprof_limits import _sampler
-from tests.conftest import run_python
+from tests.conftest import EVERY_BYTE_SAMPLED_DEEP, run_python
 
 
 def allocate_forever() -> None:
@@ -908,22 +909,18 @@ def test_the_interrupt_keeps_the_frames_of_the_task_it_stopped() -> None:
     library frame, the task's frames lost (a kernel report with no frames, issue 13).  With
     every byte sampled, it happened at every run."""
     proc = run_python(
-        """
-        import traceback, memprof_limits as ml
-        ml.stop()
-        ml.start(sampling_rate=1.0)
-        def deep(n):
-            if n == 0:
-                while True:
-                    bytearray(1000)
-            return deep(n - 1)
-        for _ in range(20):
-            r = ml.limit_allocations(lambda: deep(50), limit="1 MB")
-            assert isinstance(r.exc, ml.AllocationLimitExceeded), r
-            names = [f.name for f in traceback.extract_tb(r.exc.__traceback__)]
-            assert names.count("deep") == 51, names
-        print("ok")
-        """
+        EVERY_BYTE_SAMPLED_DEEP
+        + textwrap.dedent(
+            """
+            import traceback
+            for _ in range(20):
+                r = ml.limit_allocations(lambda: deep(50), limit="1 MB")
+                assert isinstance(r.exc, ml.AllocationLimitExceeded), r
+                names = [f.name for f in traceback.extract_tb(r.exc.__traceback__)]
+                assert names.count("deep") == 51, names
+            print("ok")
+            """
+        )
     )
     assert proc.stdout == "ok\n"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import random
 import signal
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ import pytest
 
 import memprof_limits as ml
 from memprof_limits import _delivery, _sampler
-from tests.conftest import run_python
+from tests.conftest import EVERY_BYTE_SAMPLED_DEEP, run_python
 
 BUDGET = 1_000_000
 pytestmark = pytest.mark.skipif(
@@ -501,33 +502,28 @@ def test_an_interrupt_unwinding_to_its_handler_is_not_armed_again() -> None:
     every byte sampled and 50 frames to unwind, a second delivery used to land at the
     handler's first instruction (caught by the outer handler) at every run."""
     proc = run_python(
-        """
-        import memprof_limits as ml
-        ml.stop()
-        ml.start(sampling_rate=1.0)
-        def deep(n):
-            if n == 0:
-                while True:
-                    bytearray(1000)
-            return deep(n - 1)
-        for _ in range(100):
-            trace = []
-            def task():
-                try:
+        EVERY_BYTE_SAMPLED_DEEP
+        + textwrap.dedent(
+            """
+            for _ in range(100):
+                trace = []
+                def task():
                     try:
-                        deep(50)
+                        try:
+                            deep(50)
+                        except ml.AllocationLimitExceeded:
+                            trace.append("inner")
                     except ml.AllocationLimitExceeded:
-                        trace.append("inner")
-                except ml.AllocationLimitExceeded:
-                    trace.append("outer")
-                trace.append("swallowed")
-                while True:  # sticky: it comes back
-                    bytearray(1000)
-            result = ml.limit_allocations(task, limit="1 MB")
-            assert isinstance(result, ml.Error), result
-            assert trace == ["inner", "swallowed"], trace
-        print("ok")
-        """
+                        trace.append("outer")
+                    trace.append("swallowed")
+                    while True:  # sticky: it comes back
+                        bytearray(1000)
+                result = ml.limit_allocations(task, limit="1 MB")
+                assert isinstance(result, ml.Error), result
+                assert trace == ["inner", "swallowed"], trace
+            print("ok")
+            """
+        )
     )
     assert proc.stdout == "ok\n"
 
