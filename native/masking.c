@@ -368,6 +368,25 @@ static void task_end(ml_ctl_t *ctl)
     if (ctl->top != NULL) ctl->top->task_end = ml_allocated();
 }
 
+/* The exception being handled (sys.exception()) is the same when a call
+ * returns as when it started -- except after CPython 3.13.0's compiler bug:
+ * the back edge of a loop that ends an `except` block is outside the block's
+ * cleanup entry of the exception table, so an exception raised there (a
+ * signal handler's, an interrupt: the eval breaker is checked at that
+ * JUMP_BACKWARD) skips POP_EXCEPT and leaves the caught exception as the
+ * thread's handled one for good, the __context__ of every later exception.
+ * A task is a call: its end puts the caller's handled exception back.
+ * Steals `handled`; touches no raised exception. */
+static void restore_handled(PyObject *handled)
+{
+    if (handled == Py_None) Py_CLEAR(handled);
+    PyObject *now = PyErr_GetHandledException();
+    if (now == Py_None) Py_CLEAR(now);
+    if (now != handled) PyErr_SetHandledException(handled);
+    Py_XDECREF(now);
+    Py_XDECREF(handled);
+}
+
 /* bracket(acquire, body, release): acquire() masked -> r; body(r) with the
  * caller's mask state -> v or exception e; release(r, v, e) masked -> the
  * result.  release runs iff acquire returned.  All the sequencing happens in
@@ -399,6 +418,7 @@ static PyObject *b_bracket(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     /* body runs with the caller's masking state (masked if nested in a
      * masked region).  Leaving the mask re-arms a deferred interrupt, which
      * then lands at body's first instruction, inside the bracket. */
+    PyObject *handled = PyErr_GetHandledException();   /* new reference, or NULL */
     mask_exit(ctl, 0, NULL);
     PyObject *v = PyObject_CallOneArg(body, r);
     task_end(ctl);
@@ -410,6 +430,7 @@ static PyObject *b_bracket(PyObject *mod, PyObject *const *args, Py_ssize_t narg
             exc = PyErr_GetRaisedException();
         }
     }
+    restore_handled(handled);
     mask_enter(ctl, &other);
     if (other != NULL) {
         /* Something else arrived right at the end of body: it is body's. */

@@ -130,7 +130,10 @@ static volatile int64_t g_global_limit = -1; /* bytes; < 0: none (0 is a real li
  * limit, docs/statistical.md); 1/ML_DEFAULT_RATE at higher rates (profiler),
  * so that a high rate does not multiply the ~1 us reads. */
 static volatile int64_t g_rss_interval;
-static int g_statm_fd = -1;               /* opened once, never closed */
+/* Opened once per process: at the first import, and again in each fork
+ * child (an open /proc/self file keeps naming the process that opened it:
+ * a child reading its parent's statm would watch the parent's memory). */
+static int g_statm_fd = -1;
 static long g_page_size = 4096;
 static int64_t g_peak_rss;                /* atomic max */
 static volatile int g_track_rss;          /* read RSS at samples even with no limit */
@@ -195,6 +198,12 @@ static inline void reset_countdown(ml_tls_t *t, int64_t allocated);
 
 static void atfork_child(void)
 {
+    /* This process's own resident memory, not the parent's (open and close
+     * are async-signal-safe).  Only this thread runs yet: no reader races. */
+    int statm = open("/proc/self/statm", O_RDONLY | O_CLOEXEC);
+    if (g_statm_fd >= 0) close(g_statm_fd);
+    g_statm_fd = statm;
+    g_peak_rss = 0;
     /* Only the forking thread survives: forget the others. */
     pthread_mutex_init(&g_registry_lock, NULL);
     pthread_mutex_init(&g_lock, NULL);

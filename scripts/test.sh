@@ -85,6 +85,7 @@ printf 'memprof-limits tests: %s, %s cores, commit %s, CI=%s\n' "$(date -u '+%F 
 STEPS=()                      # in order
 declare -A STEP_RESULT=() STEP_TIME=() STEP_NOTE=()
 FAILED_STEPS=0
+PYTEST_RAN=()                                                      # versions pytest ran on
 TOTAL_PASSED=0 TOTAL_FAILED=0 TOTAL_SKIPPED=0                      # pytest's closing lines
 TOTAL_SUBPASSED=0 TOTAL_SUBFAILED=0 TOTAL_PYTEST_FAILED=0           # and their subtests
 REGRTEST_RUN=0 REGRTEST_FAILURES=0 REGRTEST_SKIPPED=0               # CPython's "Total tests"
@@ -120,10 +121,39 @@ step() {
     return "$rc"
 }
 
+# failure_digest: each failed pytest test of this run, with the end of its report (the
+# assertion and what it printed), read from the junit files; kept short so it stays in the
+# part of the output that CI keeps (the end).
+failure_digest() {
+    local xmls=() v
+    for v in "${PYTEST_RAN[@]}"; do
+        [[ -f $LOGDIR/pytest-$v.xml ]] && xmls+=("$LOGDIR/pytest-$v.xml")
+    done
+    ((${#xmls[@]})) || return 0
+    python3 - "${xmls[@]}" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+
+for path in sys.argv[1:]:
+    version = path.rsplit("pytest-", 1)[1].removesuffix(".xml")
+    for case in ET.parse(path).getroot().iter("testcase"):
+        for bad in (*case.findall("failure"), *case.findall("error")):
+            name = f"{case.get('classname', '')}::{case.get('name', '')}"
+            print(f"-- {version} {name}: {bad.tag}")
+            lines = (bad.text or bad.get("message") or "").rstrip().splitlines()
+            for line in lines[-14:]:
+                print(f"   {line[:300]}")
+PY
+}
+
 fmt_time() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 
 summary() {
     local total=$((SECONDS - T_START)) name
+    if ((${#PYTEST_RAN[@]})) && ((TOTAL_PYTEST_FAILED)); then
+        banner "failures"
+        failure_digest
+    fi
     banner "summary"
     printf '%-24s %-7s %6s  %s\n' step result time notes
     for name in "${STEPS[@]}"; do
@@ -269,6 +299,7 @@ run_pytest() {
     local passed failed skipped ran subpassed subfailed note
     banner "$v pytest"
     rm -f "$xml"
+    PYTEST_RAN+=("$v")
     if ((SECONDS - T_START >= BUDGET)); then
         echo "!! over the time budget (${BUDGET}s): not run"
         record "$v pytest" 1 0 "not run: over the time budget"

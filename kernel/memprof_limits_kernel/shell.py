@@ -642,7 +642,10 @@ class MemprofLimitsShell(ZMQInteractiveShell):
                     stream.write = teed
 
 
-_LIBRARY_DIR = os.path.dirname(ml.__file__) + os.sep
+# Where an interrupt is delivered in code of ours (the library's signal
+# handler, the kernel's masked output streams when they return): frames cut
+# from the end of an interrupt's traceback.
+_OUR_DIRS = (os.path.dirname(ml.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
 
 
 def _user_traceback(
@@ -650,7 +653,8 @@ def _user_traceback(
 ) -> TracebackType | None:
     """The part of ``tb`` from the statement's own frame down: without the
     kernel's and the library's frames above the user's code, nor, for an
-    interrupt, the library's delivery frames (its signal handler) below it."""
+    interrupt, the library's and the kernel's frames below it (where it was
+    delivered: the library's signal handler, a masked ``print`` returning)."""
     while tb is not None and tb.tb_frame.f_code is not code_obj:
         tb = tb.tb_next
     if tb is None:
@@ -661,7 +665,7 @@ def _user_traceback(
     while tb is not None:
         entries.append(tb)
         tb = tb.tb_next
-    while len(entries) > 1 and entries[-1].tb_frame.f_code.co_filename.startswith(_LIBRARY_DIR):
+    while len(entries) > 1 and entries[-1].tb_frame.f_code.co_filename.startswith(_OUR_DIRS):
         entries.pop()
     if entries[-1].tb_next is None:
         return entries[0]

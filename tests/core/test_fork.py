@@ -162,3 +162,35 @@ def test_the_child_watchdog_redelivers_to_its_own_tasks(python: Callable[..., An
         """,
         timeout=60,
     )
+
+
+def test_the_childs_memory_limit_watches_the_childs_memory(python: Callable[..., Any]) -> None:
+    """The resident memory is read from ``/proc/self/statm`` kept open: a child used to read
+    its *parent's* (an open ``/proc/self`` file names the process that opened it), so the
+    global memory limit of a forked child never fired, whatever it allocated."""
+    python(
+        """
+        import os, memprof_limits as ml
+        from memprof_limits import _sampler
+        ml.start()
+        parent = _sampler.rss_bytes()
+        pid = os.fork()
+        if pid == 0:
+            keep = b"x" * 200_000_000
+            own = _sampler.rss_bytes()
+            limit = own + 100_000_000
+            def hog():
+                more = []
+                while True:
+                    more.append(b"x" * 10_000_000)
+            ml.set_global_memory_limit(limit)
+            result = ml.limit_global_memory(hog)
+            ok = own > parent + 150_000_000 and isinstance(result, ml.Error) and isinstance(
+                result.exc, ml.MemoryLimitExceeded)
+            os._exit(0 if ok else 6)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert _sampler.rss_bytes() < parent + 50_000_000  # the parent's own, as before
+        print("ok")
+        """
+    )

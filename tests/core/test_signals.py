@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import random
 import signal
+import sys
 import textwrap
 import threading
 import time
@@ -729,3 +730,40 @@ def test_a_subinterpreter_inside_a_task_does_not_crash() -> None:
         """
     )
     assert proc.stdout == "ok\n", proc
+
+
+def _loop_ending_an_except_block() -> None:
+    try:
+        raise ValueError("caught by the task")
+    except ValueError:
+        spin = [True]
+        while spin[0]:  # the only eval-breaker check: the loop's JUMP_BACKWARD
+            pass
+
+
+@pytest.mark.parametrize("form", ["limit_with_token", "cell"])
+def test_a_task_leaves_no_handled_exception_behind(form: str) -> None:
+    """CPython 3.13.0 leaves a loop's back edge at the end of an ``except`` block outside the
+    block's cleanup entry: an interrupt delivered there skips ``POP_EXCEPT``, and the caught
+    exception stays the thread's handled one (``sys.exception()``, the ``__context__`` of every
+    later exception: a REPL cell's ``1 / 0`` showed an old test's ``Cancelled``).  The task's
+    end puts the caller's handled exception back, on every version."""
+    if form == "limit_with_token":
+        token = ml.Token()
+        timer = threading.Timer(0.05, token.set)
+        timer.start()
+        result = ml.limit_with_token(_loop_ending_an_except_block, token=token)
+        assert isinstance(result, ml.Error) and isinstance(result.exc, ml.Cancelled)
+    else:
+        runner = ml.CellRunner()
+        timer = threading.Timer(0.05, runner.interrupt)
+        timer.start()
+        with runner.cell() as cell:
+            cell.run(_loop_ending_an_except_block)
+        assert cell.outcome.interrupted
+    timer.join()
+    assert sys.exception() is None
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError as e:
+        assert e.__context__ is None, e.__context__

@@ -147,6 +147,19 @@ class Kernel:
                 outputs.append(msg)
         return Reply(reply, outputs)
 
+    def wait_for_output(self, msg_id: str, text: str, timeout: float = 30.0) -> None:
+        """Wait until ``msg_id`` has printed ``text`` on stdout (the messages
+        read on the way are dropped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+            if (
+                msg["parent_header"].get("msg_id") == msg_id
+                and msg["msg_type"] == "stream"
+                and text in msg["content"]["text"]
+            ):
+                return
+
     def run(self, code: str, timeout: float = 30.0, **kwargs: Any) -> Reply:
         return self.collect(self.submit(code, **kwargs), timeout)
 
