@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from ._cli import default_history_file as default_history_file
 from ._cli import main as main
+from ._client import ServeClient as ServeClient
+from ._client import ServeError as ServeError
+from ._client import StepReply as StepReply
 from ._errors import EXIT_ALLOCATIONS as EXIT_ALLOCATIONS
 from ._errors import EXIT_EXCEPTION as EXIT_EXCEPTION
 from ._errors import EXIT_INTERRUPTED as EXIT_INTERRUPTED
@@ -45,7 +48,10 @@ __all__ = [
     "EXIT_USAGE",
     "CellReport",
     "RunOptions",
+    "ServeClient",
+    "ServeError",
     "Session",
+    "StepReply",
     "check_complete",
     "default_history_file",
     "iter_cells",

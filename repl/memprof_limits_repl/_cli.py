@@ -35,6 +35,8 @@ complete statement, or an empty line, ends a cell).
 
   memprof-limits run SCRIPT [ARG ...]   run a script as one limited task
                                         (memprof-limits run --help)
+  memprof-limits serve [OPTIONS]        a JSON-lines server of addressable
+                                        states (memprof-limits serve --help)
 """
 
 
@@ -162,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         pin_hash_seed()
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "serve":
+        from ._serve import serve_main
+
+        return serve_main(args[1:])
     if args and args[0] == "run":
         try:
             options = parse_run_args(args[1:])

@@ -43,20 +43,23 @@ import __future__
 
 import ast
 import codeop
+import linecache
 import re
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from types import CodeType
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "CellCompiler",
     "CompiledCell",
     "Status",
     "check_complete",
+    "execute_compiled",
     "iter_cells",
     "next_line_indent",
+    "remember_source",
 ]
 
 Status = Literal["complete", "incomplete", "invalid"]
@@ -302,3 +305,24 @@ class CellCompiler:
         body = compile(tree, filename, "exec", self.flags, dont_inherit=True) if tree.body else None
         display = last is not None and not source.rstrip().endswith(";")
         return CompiledCell(body, last, display)
+
+
+def execute_compiled(compiled: CompiledCell, namespace: dict[str, Any]) -> Any:
+    """Run a compiled cell in ``namespace``: its statements, then its final
+    expression.  Returns the value to show (also bound to ``_``), or
+    ``None``."""
+    if compiled.body is not None:
+        exec(compiled.body, namespace)
+    if compiled.last_expression is not None:
+        value = eval(compiled.last_expression, namespace)
+        if compiled.display and value is not None:
+            namespace["_"] = value
+            return value
+    return None
+
+
+def remember_source(filename: str, source: str) -> None:
+    """Let tracebacks and ``inspect.getsource`` show the lines of a cell
+    compiled as ``filename``."""
+    lines = [line + "\n" for line in source.splitlines()]
+    linecache.cache[filename] = (len(source), None, lines, filename)

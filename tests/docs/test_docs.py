@@ -132,3 +132,60 @@ def test_the_opening_example_of_kernel_md_runs_as_shown(tmp_path: Path) -> None:
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+# -- docs/serve.md ------------------------------------------------------------------------------
+
+_FIGURES = re.compile(r'"(allocated_bytes|peak_rss_bytes|wall_time_s)": [0-9.]+')
+
+
+def _normalized(replies: str) -> list[str]:
+    """Replies with the figures that vary between runs and versions made equal."""
+    text = _FIGURES.sub(r'"\1": N', replies)
+    return re.sub(r"\(\d+ bytes allocated", "(N bytes allocated", text).splitlines()
+
+
+def test_the_transcript_of_serve_md_is_real(tmp_path: Path) -> None:
+    import subprocess
+
+    page = (ROOT / "docs" / "serve.md").read_text()
+    requests, replies = re.findall(r"```jsonl\n(.*?)```", page, re.S)[:2]
+    command = "memprof-limits serve --allocations 50MB --timeout 5 < requests.jsonl"
+    assert f"`{command}`" in page
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memprof_limits_repl",
+            "serve",
+            "--allocations",
+            "50MB",
+            "--timeout",
+            "5",
+        ],
+        input=requests,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=True,
+    )
+    assert _normalized(proc.stdout) == _normalized(replies)
+
+
+def test_the_search_of_serve_md_runs_as_shown(tmp_path: Path) -> None:
+    import subprocess
+
+    page = (ROOT / "docs" / "serve.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S)
+    shown = re.search(r"prints\n\n```text\n(.*?)```", page, re.S)
+    assert code and shown
+    proc = subprocess.run(
+        [sys.executable, "-c", code.group(1)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=True,
+    )
+    assert proc.stdout == shown.group(1)

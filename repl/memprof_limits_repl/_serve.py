@@ -1,0 +1,1048 @@
+"""``memprof-limits serve``: addressable Python states behind a JSON-lines
+protocol (the Lean REPL's, for Python), every step run under the library's
+limits.  The protocol is in ``docs/serve.md``.
+
+The problem
+-----------
+Proof checkers, solvers and search agents drive an interpreter step by step
+and branch: any earlier state is the starting point of the next step
+(backtracking, tree search).  The Lean REPL gives each state an integer
+``env``; it has no timeout, no memory limit and no way to free a state, so
+its users kill and respawn the process on a timeout or an OOM and lose every
+state.  A step must be stoppable without losing anything, and a state must
+be exactly what the step that made it left, whatever later steps did.
+
+What does not work, and why
+---------------------------
+- Shallow snapshots of the namespace (what rollback does in the kernel): a
+  later step from the same env that mutates an object in place
+  (``x.append``, a NumPy array, an attribute) changes the earlier state too.
+- Deep copies (``copy.deepcopy``, pickling every state): slow for big
+  states, wrong for objects that refuse to be copied (locks, generators,
+  open files, C objects), and they double the memory of every env.
+- Running the steps in the server's process: a segfault in an extension or
+  ``os._exit`` ends every state; the server's stdout is the protocol.
+
+The solution
+------------
+One process per env, frozen after its step: ``fork`` copies it on write,
+exact for any object, sharing the unchanged pages.
+
+- The server forks a *root* process (an empty ``__main__``, the engine
+  started, stdin/stdout/stderr on ``/dev/null``) and then runs no user code.
+- Each env process waits on its own Unix socket to the server.  A step on
+  env *k* sends env *k* a new socket (``SCM_RIGHTS``); env *k* forks, and
+  the child runs the step on the new socket, as a cell of a
+  :class:`memprof_limits.CellRunner` (allocation budget, global memory
+  limit, a token set by a timer for the timeout), with its output captured.
+  If the step succeeds, the child *is* the new env and waits on that socket;
+  otherwise it exits, and env *k* is unchanged (it never ran the step).
+- A child that dies before replying (a segfault, ``os._exit``, the OOM
+  killer) is a ``crashed`` step; its parent env reaps it and says how it
+  died.  A step that does not stop within its timeout plus a grace period
+  (a long C call) is killed: nothing is lost but that step.
+- ``discard`` ends env processes: their memory goes back to the system.
+  The server is a *child subreaper*, so an env whose parent was discarded
+  is reaped by the server.  EOF on stdin (or SIGTERM) kills every process.
+- ``pickleTo`` pickles a state in a fork of its env (a ``__reduce__`` with
+  side effects cannot change the env); names that cannot be pickled are
+  reported, not dropped silently.  ``unpickleEnvFrom`` loads one in a fork
+  of the root, under the server's limits.
+
+Known failure cases
+-------------------
+- Threads are not part of a state: a thread a step started does not exist
+  in the envs forked from it (``fork`` copies the calling thread only).
+  Objects held by such a thread, and locks it held, are copied as they were.
+- Open files and sockets are shared with the envs forked later (the same
+  file offset), as after any ``fork``.
+- Memory is counted per process: the memory limit applies to the resident
+  memory of the process running the step, which includes the pages it
+  shares with its env.  A server with many big envs can still exhaust the
+  machine: ``discard`` what is no longer needed.
+- A step stuck in a C call that never returns, with no timeout, blocks the
+  server (as the Lean REPL would): give a timeout.
+- Linux only (``fork``, ``memfd``, ``prctl``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import gc
+import io
+import json
+import math
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import IO, Any, NoReturn
+
+import memprof_limits as ml
+from memprof_limits._cells import parse_size
+
+from ._errors import print_interrupt, print_user_exception
+from ._source import CellCompiler, execute_compiled, remember_source
+
+__all__ = ["SERVE_USAGE", "ServerLimits", "serve"]
+
+SERVE_USAGE = """\
+usage: memprof-limits serve [--allocations SIZE] [--memory SIZE] [--timeout SECONDS] [--seed N]
+
+Read requests, one JSON object per line, on stdin; write one JSON reply per
+line on stdout.  Every state (env) is a process; a step runs in a fork of its
+env under the limits (defaults here, overridable per request).  See
+docs/serve.md for the protocol.
+
+  --allocations SIZE   allocation limit per step (e.g. 50MB; default: none)
+  --memory SIZE        global memory limit of a step's process (e.g. 2GiB; 'off';
+                       default: 80% of the memory this process may use)
+  --timeout SECONDS    wall-clock limit per step (default: none)
+  --seed N             seed of the sampler
+"""
+
+#: Most of a step's stdout, stderr or value kept in its reply (characters).
+OUTPUT_CAP = 1 << 20
+#: A step that has not stopped this long after its timeout (and at least a
+#: second) is killed.
+GRACE_FACTOR = 1.0
+_PROTOCOL_KEYS = {
+    "cmd": {"cmd", "env", "limits"},
+    "discard": {"discard"},
+    "pickleTo": {"pickleTo", "env"},
+    "unpickleEnvFrom": {"unpickleEnvFrom", "limits"},
+}
+_PICKLE_FORMAT = "memprof-limits-env/1"
+
+
+class RequestError(ValueError):
+    """A request that cannot be run: its message says what was expected."""
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits of one step: the cell limits (bytes) and a timeout (s)."""
+
+    cell: ml.CellLimits = field(default_factory=ml.CellLimits)
+    timeout_s: float | None = None
+
+    def override(self, spec: object) -> ServerLimits:
+        """These limits with a request's ``"limits"`` object over them:
+        ``{"allocations": "50MB", "memory": "2GiB", "timeout": 2.5}``; a key
+        set to ``null`` or ``"off"`` removes that limit."""
+        if spec is None:
+            return self
+        if not isinstance(spec, dict):
+            raise RequestError(
+                f'"limits" must be an object like {{"allocations": "50MB", "memory": "2GiB", '
+                f'"timeout": 2.5}}, not {_json_type(spec)}'
+            )
+        unknown = sorted(set(spec) - {"allocations", "memory", "timeout"})
+        if unknown:
+            raise RequestError(
+                f'unknown key {unknown[0]!r} in "limits": expected "allocations", '
+                '"memory" or "timeout"'
+            )
+        cell, timeout = self.cell, self.timeout_s
+        for name in ("allocations", "memory"):
+            if name in spec:
+                value = spec[name]
+                changes: dict[str, Any] = {
+                    name: _size_or_off(value, name),
+                    f"{name}_text": value.strip() if isinstance(value, str) else None,
+                }
+                cell = replace(cell, **changes)
+        if "timeout" in spec:
+            timeout = parse_timeout(spec["timeout"])
+        return ServerLimits(cell, timeout)
+
+
+def _size_or_off(value: object, name: str) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise RequestError(
+            f'"{name}" must be a size: a number of bytes or a string like "50MB", or null / '
+            f'"off" for no limit, not {_json_type(value)}'
+        )
+    try:
+        return parse_size(value, f"{name} limit")
+    except ValueError as e:
+        raise RequestError(f'"{name}": {e}') from None
+
+
+def parse_timeout(value: object) -> float | None:
+    """A timeout in seconds: a positive number, or ``None`` / ``"off"``."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(
+            f'"timeout" must be a number of seconds (or null / "off"), not {_json_type(value)}'
+        )
+    if not (math.isfinite(value) and 0 < value <= 10**7):
+        raise RequestError(f'"timeout" must be more than 0 and at most 1e7 seconds, not {value}')
+    return float(value)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({_clip(repr(value))})"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# ---- messages between the server and the env processes -------------------------------
+# A message: 4 bytes of length, then a pickle (both ends are this module).
+# A socket given to a process travels with the first bytes of its message.
+
+
+def _send(sock: socket.socket, message: object, fds: Iterable[int] = ()) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    frame = struct.pack("!I", len(data)) + data
+    fds = list(fds)
+    if fds:
+        sent = socket.send_fds(sock, [frame], fds)
+        frame = frame[sent:]
+    if frame:
+        sock.sendall(frame)
+
+
+def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
+    """The next message and the descriptors sent with it; ``None`` at EOF."""
+    header, fds, _flags, _addr = socket.recv_fds(sock, 4, 4)
+    if not header:
+        return None
+    rest = _recv_exact(sock, 4 - len(header))
+    if rest is None:
+        return None
+    (length,) = struct.unpack("!I", header + rest)
+    data = _recv_exact(sock, length)
+    if data is None:
+        return None
+    return pickle.loads(data), fds
+
+
+def _recv_exact(sock: socket.socket, length: int) -> bytes | None:
+    chunks = []
+    while length:
+        chunk = sock.recv(min(length, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        length -= len(chunk)
+    return b"".join(chunks)
+
+
+# ---- env processes ---------------------------------------------------------------------
+
+
+class _State:
+    """What an env process holds: its ``__main__`` and its compiler."""
+
+    def __init__(self) -> None:
+        self.module = types.ModuleType("__main__")
+        self.module.__dict__["__builtins__"] = builtins
+        self.compiler = CellCompiler()
+        sys.modules["__main__"] = self.module
+
+    @property
+    def namespace(self) -> dict[str, Any]:
+        return self.module.__dict__
+
+
+def _env_loop(channel: socket.socket, state: _State) -> NoReturn:
+    """Serve the server's requests on ``channel`` until EOF or ``exit``."""
+    while True:
+        try:
+            got = _recv(channel)
+        except OSError:
+            got = None
+        if got is None:
+            os._exit(0)
+        (op, arg), fds = got
+        if op == "exit":
+            os._exit(0)
+        if op == "wait":
+            try:
+                _pid, status = os.waitpid(arg, 0)
+                _send(channel, ("waited", status))
+            except ChildProcessError:
+                _send(channel, ("waited", None))
+            continue
+        # "step", "pickle", "unpickle": in a fork, on the socket that came with it.
+        child_channel = socket.socket(fileno=fds[0])
+        for extra in fds[1:]:
+            os.close(extra)
+        try:
+            pid = os.fork()
+        except OSError as e:
+            child_channel.close()
+            _send(channel, ("fork failed", str(e)))
+            continue
+        if pid == 0:
+            channel.close()
+            _child(op, arg, child_channel, state)
+        child_channel.close()
+        _send(channel, ("forked", pid))
+
+
+def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) -> NoReturn:
+    """A fork of an env: run ``op``, reply, and either become an env (a step
+    that succeeded) or exit."""
+    try:
+        if op == "step":
+            result = _step(state, arg)
+        elif op == "pickle":
+            result = _pickle_state(state, arg)
+        else:
+            result = _unpickle_state(state, arg)
+        _send(channel, ("result", result))
+        if result["status"] == "ok" and op != "pickle":
+            _env_loop(channel, state)
+    except BaseException:  # our own failure: said, and the step fails
+        try:
+            message = {
+                "severity": "error",
+                "data": "memprof-limits serve: " + traceback.format_exc(),
+            }
+            _send(channel, ("result", {"status": "error", "messages": [message]}))
+        except BaseException:
+            pass
+    os._exit(0)
+
+
+class _CappedText(io.TextIOBase):
+    """A text stream that keeps its first :data:`OUTPUT_CAP` characters."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        room = OUTPUT_CAP - self.kept
+        if len(s) <= room:
+            self.parts.append(s)
+            self.kept += len(s)
+        else:
+            self.parts.append(s[:room])
+            self.kept += room
+            self.dropped += len(s) - room
+        return len(s)
+
+    def text(self) -> str:
+        text = "".join(self.parts)
+        if self.dropped:
+            text += f"\n[memprof-limits serve: {self.dropped} more characters not kept]\n"
+        return text
+
+
+class _Captured:
+    """The step's ``sys.stdout``/``sys.stderr`` (Python's writes), and file
+    descriptors 1 and 2 (what C code writes) in memory files."""
+
+    def __enter__(self) -> _Captured:
+        self.out, self.err = _CappedText(), _CappedText()
+        self.fd_out = os.memfd_create("stdout", os.MFD_CLOEXEC)
+        self.fd_err = os.memfd_create("stderr", os.MFD_CLOEXEC)
+        os.dup2(self.fd_out, 1)
+        os.dup2(self.fd_err, 2)
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self.out, self.err
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self.saved
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+        for fd, stream in ((self.fd_out, self.out), (self.fd_err, self.err)):
+            data = os.pread(fd, OUTPUT_CAP, 0)
+            os.close(fd)
+            if data:
+                stream.write(data.decode("utf-8", "backslashreplace"))
+
+
+def _run_limited(
+    fn: Callable[[], Any], limits: ServerLimits, namespace: dict[str, Any] | None
+) -> tuple[ml.CellOutcome, Any, bool]:
+    """Run ``fn`` as one cell under ``limits``; returns (outcome, result,
+    timed_out) where result is :class:`ml.Ok` or :class:`ml.Error`, or the
+    exception ``fn`` raised."""
+    runner = ml.CellRunner(namespace, limits=limits.cell, rollback=False)
+    timed_out = threading.Event()
+    result: Any = None
+    with runner.cell() as cell:
+        timer = None
+        if limits.timeout_s is not None:
+
+            def fire() -> None:
+                timed_out.set()
+                cell.token.set()
+
+            timer = threading.Timer(limits.timeout_s, fire)
+            timer.start()
+        try:
+            result = cell.run(fn)
+        except BaseException as e:
+            result = e
+        finally:
+            cell.complete()
+            if timer is not None:
+                timer.cancel()
+                timer.join()
+    return cell.outcome, result, timed_out.is_set()
+
+
+def _step(state: _State, request: dict[str, Any]) -> dict[str, Any]:
+    code: str = request["code"]
+    filename = request["filename"]
+    limits: ServerLimits = request["limits"]
+    reply: dict[str, Any] = {"status": "ok", "reason": None, "value": None, "messages": []}
+    outcome = None
+    with _Captured() as captured:
+        remember_source(filename, code)
+        try:
+            compiled = state.compiler.compile(code, filename)
+        except (SyntaxError, ValueError, OverflowError) as e:
+            reply.update(status="error", messages=[_message(e, frames=False)])
+        else:
+
+            def task() -> str | None:
+                value = execute_compiled(compiled, state.namespace)
+                return None if value is None else _clip(repr(value), OUTPUT_CAP)
+
+            _canonical_heap()
+            outcome, result, timed_out = _run_limited(task, limits, state.namespace)
+            sys.stdout.flush()
+            if outcome.interrupted:
+                reason = "timeout" if timed_out and outcome.reason == "token" else outcome.reason
+                if reason == "timeout":
+                    outcome.message = f"timeout of {limits.timeout_s:g} s reached"
+                text = io.StringIO()
+                print_interrupt(outcome, file=text)
+                line = _line_of(outcome.exception, filename)
+                reply.update(
+                    status="interrupted",
+                    reason=reason,
+                    messages=[{"severity": "error", "data": text.getvalue(), "line": line}],
+                )
+            elif isinstance(result, BaseException):
+                reply.update(status="error", messages=[_message(result, filename=filename)])
+            elif isinstance(result, ml.Ok):
+                reply["value"] = result.value
+                reply["messages"] = [
+                    {"severity": "warning", "data": f.describe()} for f in outcome.failures
+                ]
+    reply["stdout"] = captured.out.text()
+    reply["stderr"] = captured.err.text()
+    if outcome is not None:
+        reply["fuel"] = {
+            "allocated_bytes": outcome.allocated_bytes,
+            "peak_rss_bytes": outcome.peak_rss_bytes,
+            "wall_time_s": round(outcome.wall_time_s, 6),
+        }
+    return reply
+
+
+def _canonical_heap() -> None:
+    """Put the collector in the same state before every step of an env:
+    a full collection of nothing (what exists is frozen meanwhile: O(1))
+    empties the free lists and zeroes the generation counts, which the env's
+    own work between forks changed (a step's allocation count depends on
+    both: an object taken from a free list is not an allocation)."""
+    gc.freeze()
+    gc.collect()
+    gc.unfreeze()
+
+
+def _message(exc: BaseException, *, frames: bool = True, filename: str = "") -> dict[str, Any]:
+    text = io.StringIO()
+    print_user_exception(exc, text, frames=frames)
+    line = exc.lineno if isinstance(exc, SyntaxError) else _line_of(exc, filename)
+    return {"severity": "error", "data": text.getvalue(), "line": line}
+
+
+def _line_of(exc: BaseException | None, filename: str) -> int | None:
+    """The line of the command where ``exc`` was raised (its innermost frame
+    in the command's own code), or ``None``."""
+    line = None
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _pickle_state(state: _State, request: dict[str, Any]) -> dict[str, Any]:
+    """Pickle the namespace, name by name, to ``request["path"]``."""
+    values: dict[str, bytes] = {}
+    modules: dict[str, str] = {}
+    unpicklable: dict[str, str] = {}
+
+    def task() -> None:
+        for name, value in list(state.namespace.items()):
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            if isinstance(value, types.ModuleType):
+                modules[name] = value.__name__
+                continue
+            if getattr(value, "__module__", None) == "__main__" and isinstance(
+                value, (type, types.FunctionType)
+            ):
+                unpicklable[name] = (
+                    "defined by a command: pickle stores functions and classes by "
+                    "reference to their module"
+                )
+                continue
+            try:
+                values[name] = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:
+                unpicklable[name] = f"{type(e).__name__}: {_clip(str(e), 200)}"
+
+    outcome, result, timed_out = _run_limited(task, request["limits"], None)
+    if outcome.interrupted:
+        why = "timeout" if timed_out else outcome.reason
+        return {"status": "error", "error": f"pickling was interrupted ({why}): {outcome.message}"}
+    if isinstance(result, BaseException):
+        return {"status": "error", "error": f"pickling failed: {_describe(result)}"}
+    data = {"format": _PICKLE_FORMAT, "values": values, "modules": modules}
+    path = request["path"]
+    try:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except OSError as e:
+        return {"status": "error", "error": f"cannot write {path!r}: {e.strerror or e}"}
+    return {"status": "ok", "names": sorted([*values, *modules]), "unpicklable": unpicklable}
+
+
+def _unpickle_state(state: _State, request: dict[str, Any]) -> dict[str, Any]:
+    """Load a file written by :func:`_pickle_state` into the (fresh) namespace."""
+    path = request["path"]
+    failed: dict[str, str] = {}
+    loaded: list[str] = []
+
+    def task() -> None:
+        with open(path, "rb") as f:
+            data = pickle.load(f)
+        if not (isinstance(data, dict) and data.get("format") == _PICKLE_FORMAT):
+            raise ValueError(f"{path!r} is not a state written by pickleTo")
+        for name, module in data["modules"].items():
+            try:
+                state.namespace[name] = __import__(module, fromlist=["_"])
+                loaded.append(name)
+            except Exception as e:
+                failed[name] = f"import {module}: {_describe(e)}"
+        for name, blob in data["values"].items():
+            try:
+                state.namespace[name] = pickle.loads(blob)
+                loaded.append(name)
+            except Exception as e:
+                failed[name] = _describe(e)
+
+    outcome, result, timed_out = _run_limited(task, request["limits"], None)
+    if outcome.interrupted:
+        why = "timeout" if timed_out else outcome.reason
+        return {
+            "status": "error",
+            "error": f"unpickling was interrupted ({why}): {outcome.message}",
+        }
+    if isinstance(result, BaseException):
+        if isinstance(result, OSError):
+            return {
+                "status": "error",
+                "error": f"cannot read {path!r}: {result.strerror or result}",
+            }
+        return {"status": "error", "error": f"cannot load {path!r}: {_describe(result)}"}
+    return {"status": "ok", "names": sorted(loaded), "failed": failed}
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_clip(str(e), 200)}" if str(e) else type(e).__name__
+
+
+# ---- the server ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Env:
+    id: int | None  # None: the root (the empty state)
+    pid: int
+    channel: socket.socket
+    parent: _Env | None  # the env whose fork this process is (None: the server's child)
+    alive: bool = True
+
+
+class Server:
+    """The server's side: env ids, their processes, and the requests."""
+
+    def __init__(self, limits: ServerLimits, seed: int = 0) -> None:
+        self.limits = limits
+        self.envs: dict[int, _Env] = {}
+        self.discarded: set[int] = set()
+        self.next_id = 0
+        self.commands = 0
+        _become_subreaper()
+        ours, theirs = socket.socketpair()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            _start_root(theirs, seed)
+        theirs.close()
+        self.root = _Env(None, pid, ours, None)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """The reply to one line of input."""
+        try:
+            request = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            return {"error": f"expected one JSON object per line: {_clip(str(e), 200)}"}
+        try:
+            return self.handle(request)
+        except RequestError as e:
+            return {"error": str(e)}
+
+    def handle(self, request: object) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            raise RequestError(
+                'expected a JSON object: {"cmd": ...}, {"discard": [...]}, {"pickleTo": ...} '
+                f'or {{"unpickleEnvFrom": ...}}, not {_json_type(request)}'
+            )
+        kinds = [key for key in _PROTOCOL_KEYS if key in request]
+        if len(kinds) != 1:
+            raise RequestError(
+                'expected exactly one of "cmd", "discard", "pickleTo", "unpickleEnvFrom" '
+                f"in a request, found {', '.join(map(repr, kinds)) if kinds else 'none'}"
+            )
+        kind = kinds[0]
+        unknown = sorted(set(request) - _PROTOCOL_KEYS[kind])
+        if unknown:
+            allowed = ", ".join(f'"{k}"' for k in sorted(_PROTOCOL_KEYS[kind]))
+            raise RequestError(
+                f'unknown key "{unknown[0]}" in a "{kind}" request: expected {allowed}'
+            )
+        self.reap_orphans()
+        if kind == "cmd":
+            return self.command(request)
+        if kind == "discard":
+            return self.discard(request["discard"])
+        if kind == "pickleTo":
+            return self.pickle_to(request)
+        return self.unpickle_from(request)
+
+    def env(self, value: object, *, optional: bool = False) -> _Env:
+        if value is None and optional:
+            return self.root
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RequestError(f'"env" must be an env id (an integer), not {_json_type(value)}')
+        env = self.envs.get(value)
+        if env is None:
+            why = "discarded" if value in self.discarded else "unknown"
+            known = f"envs 0..{self.next_id - 1}" if self.next_id else "no env yet"
+            raise RequestError(f"{why} env {value} ({known}; {len(self.envs)} live)")
+        if not env.alive:
+            raise RequestError(f"env {value} is gone: its process died")
+        return env
+
+    def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        code = request["cmd"]
+        if not isinstance(code, str):
+            raise RequestError(f'"cmd" must be Python source (a string), not {_json_type(code)}')
+        env = self.env(request.get("env"), optional=True)
+        limits = self.limits.override(request.get("limits"))
+        self.commands += 1
+        work = {"code": code, "filename": f"<cmd {self.commands}>", "limits": limits}
+        result = self.fork(env, "step", work, limits.timeout_s)
+        fuel = result.get("fuel") or {}
+        return {
+            "env": result["env"],
+            "status": result["status"],
+            "reason": result.get("reason"),
+            "value": result.get("value"),
+            "stdout": result.get("stdout", ""),
+            "stderr": result.get("stderr", ""),
+            "messages": result.get("messages", []),
+            # null: not known (the step's process died, or nothing ran).
+            "fuel": {
+                "allocated_bytes": fuel.get("allocated_bytes"),
+                "peak_rss_bytes": fuel.get("peak_rss_bytes"),
+                "wall_time_s": fuel.get("wall_time_s", result.get("wall_time_s")),
+            },
+        }
+
+    def pickle_to(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = request["pickleTo"]
+        if not isinstance(path, str) or not path:
+            raise RequestError(f'"pickleTo" must be a file path (a string), not {_json_type(path)}')
+        if "env" not in request:
+            raise RequestError('a "pickleTo" request needs the "env" to pickle')
+        env = self.env(request["env"])
+        work = {"path": path, "limits": self.limits}
+        result = self.fork(env, "pickle", work, self.limits.timeout_s, keep=False)
+        if result["status"] != "ok":
+            return {"error": result.get("error") or _first_message(result)}
+        return {
+            "env": env.id,
+            "pickleTo": path,
+            "names": result["names"],
+            "unpicklable": result["unpicklable"],
+        }
+
+    def unpickle_from(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = request["unpickleEnvFrom"]
+        if not isinstance(path, str) or not path:
+            raise RequestError(
+                f'"unpickleEnvFrom" must be a file path (a string), not {_json_type(path)}'
+            )
+        limits = self.limits.override(request.get("limits"))
+        work = {"path": path, "limits": limits}
+        result = self.fork(self.root, "unpickle", work, limits.timeout_s)
+        if result["status"] != "ok":
+            return {"error": result.get("error") or _first_message(result)}
+        return {"env": result["env"], "names": result["names"], "failed": result["failed"]}
+
+    def discard(self, ids: object) -> dict[str, Any]:
+        if not isinstance(ids, list):
+            raise RequestError(f'"discard" must be an array of env ids, not {_json_type(ids)}')
+        envs = [self.env(i) for i in ids]  # all or nothing: an unknown id discards none
+        for env in envs:
+            self.end(env)
+            del self.envs[env.id]  # type: ignore[arg-type]
+            self.discarded.add(env.id)  # type: ignore[arg-type]
+        return {"discarded": sorted({env.id for env in envs})}  # type: ignore[type-var]
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def fork(
+        self,
+        env: _Env,
+        op: str,
+        work: dict[str, Any],
+        timeout_s: float | None,
+        *,
+        keep: bool = True,
+    ) -> dict[str, Any]:
+        """Run ``op`` in a fork of ``env``; the result, with ``env`` set to
+        the new env id (a successful step, ``keep``) or to ``env``'s."""
+        ours, theirs = socket.socketpair()
+        start = time.monotonic()
+        try:
+            _send(env.channel, (op, work), [theirs.fileno()])
+            answer = _recv(env.channel)
+        except OSError:
+            answer = None
+        finally:
+            theirs.close()
+        if answer is None:
+            ours.close()
+            self.lost(env)
+            raise RequestError(f"env {env.id} is gone: its process died")
+        (what, pid), _fds = answer
+        if what != "forked":
+            ours.close()
+            return {"env": env.id, "status": "error", "error": f"cannot fork env {env.id}: {pid}"}
+        deadline = None
+        if timeout_s is not None:
+            deadline = start + timeout_s + max(1.0, GRACE_FACTOR * timeout_s)
+        result = self.wait_result(ours, deadline)
+        elapsed = round(time.monotonic() - start, 6)
+        if result == "late":
+            os.kill(pid, signal.SIGKILL)
+            self.reap(env, pid)
+            ours.close()
+            return {
+                "env": env.id,
+                "status": "interrupted",
+                "reason": "timeout",
+                "messages": [
+                    {
+                        "severity": "error",
+                        "data": f"timeout of {timeout_s:g} s reached, and the step did not stop "
+                        f"within {max(1.0, GRACE_FACTOR * (timeout_s or 0)):g} s more "
+                        "(a long call in C?): its process was killed",
+                    }
+                ],
+                "wall_time_s": elapsed,
+            }
+        if result is None:
+            status = self.reap(env, pid)
+            ours.close()
+            return {
+                "env": env.id,
+                "status": "crashed",
+                "messages": [
+                    {
+                        "severity": "error",
+                        "data": f"the process running the step died: {_describe_status(status)}; "
+                        "every env is as it was",
+                    }
+                ],
+                "wall_time_s": elapsed,
+            }
+        if result["status"] == "ok" and keep:
+            new = _Env(self.next_id, pid, ours, env)
+            self.envs[new.id] = new  # type: ignore[index]
+            self.next_id += 1
+            return {**result, "env": new.id}
+        ours.close()
+        self.reap(env, pid)
+        return {**result, "env": env.id}
+
+    @staticmethod
+    def wait_result(channel: socket.socket, deadline: float | None) -> Any:
+        """The step's result; ``None`` if its process died first; ``"late"``
+        if ``deadline`` passed first."""
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([channel], [], [], wait)
+            if not ready:
+                return "late"
+            try:
+                got = _recv(channel)
+            except OSError:
+                return None
+            if got is None:
+                return None
+            (what, result), _fds = got
+            if what == "result":
+                return result
+
+    def reap(self, parent: _Env, pid: int) -> int | None:
+        """Wait for ``pid``, a child of ``parent`` (or of the server if that
+        process is gone); its wait status, or ``None`` if unknown."""
+        if parent.alive:
+            try:
+                _send(parent.channel, ("wait", pid))
+                answer = _recv(parent.channel)
+            except OSError:
+                answer = None
+            if answer is not None:
+                return answer[0][1]  # type: ignore[no-any-return]
+            self.lost(parent)
+        try:
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return None
+
+    def lost(self, env: _Env) -> None:
+        """``env``'s process is gone (killed from outside)."""
+        if env.alive:
+            env.alive = False
+            env.channel.close()
+            if env.parent is not None and env.parent.alive:
+                self.reap(env.parent, env.pid)
+
+    def end(self, env: _Env) -> None:
+        """End ``env``'s process and wait for it."""
+        if not env.alive:
+            return
+        try:
+            _send(env.channel, ("exit", None))
+        except OSError:
+            pass
+        env.alive = False
+        env.channel.close()
+        if env.parent is None:
+            os.waitpid(env.pid, 0)
+        else:
+            self.reap(env.parent, env.pid)
+
+    @staticmethod
+    def reap_orphans() -> None:
+        """Reap the processes reparented to the server (subreaper) that ended."""
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+
+    def close(self) -> None:
+        """Kill every process the server started, and reap them."""
+        for env in [*self.envs.values(), self.root]:
+            if env.alive:
+                env.alive = False
+                try:
+                    os.kill(env.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                env.channel.close()
+        self.envs.clear()
+        # Orphans come to us (subreaper): wait for all of them.
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+
+
+def _first_message(result: dict[str, Any]) -> str:
+    messages = result.get("messages") or [{}]
+    return str(messages[0].get("data", "failed")).strip()
+
+
+def _describe_status(status: int | None) -> str:
+    if status is None:
+        return "how is unknown"
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"killed by signal {number} ({name})"
+    if os.WIFEXITED(status):
+        return f"exit status {os.WEXITSTATUS(status)}"
+    return f"wait status {status}"
+
+
+def _become_subreaper() -> None:
+    """Orphaned env processes are reparented to the server (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: init reaps them
+        pass
+
+
+def _start_root(channel: socket.socket, seed: int) -> NoReturn:
+    """The root process: an empty state; every fresh step is a fork of it."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        sys.stdin = open(os.devnull)  # the process's stdin for good
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        # Ctrl+C at the terminal reaches the whole process group: it is the
+        # server's to handle (it ends everything), not each state's.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ml.start(seed=seed)
+        state = _State()
+    except BaseException:
+        os._exit(1)
+    _env_loop(channel, state)
+
+
+def serve(
+    limits: ServerLimits,
+    *,
+    seed: int = 0,
+    stdin: IO[bytes] | None = None,
+    stdout: IO[str] | None = None,
+) -> int:
+    """Run the server until EOF on ``stdin``; returns the exit status."""
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout
+    server = Server(limits, seed)
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        for line in stdin:
+            if not line.strip():
+                continue
+            try:
+                reply = server.handle_line(line)
+            except Exception as e:  # the server's own bug: said, and the server goes on
+                reply = {"error": f"memprof-limits serve: internal error: {_describe(e)}"}
+                traceback.print_exc()
+            stdout.write(json.dumps(reply) + "\n")
+            stdout.flush()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.close()
+
+
+def serve_main(args: list[str]) -> int:
+    """``memprof-limits serve ARGS``: parse the options, start the server."""
+    import argparse
+
+    from memprof_limits._defaults import start_limits
+
+    parser = argparse.ArgumentParser(prog="memprof-limits serve", add_help=False)
+    parser.add_argument("--allocations")
+    parser.add_argument("--memory")
+    parser.add_argument("--timeout")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-h", "--help", action="store_true")
+    usage = SERVE_USAGE.split("\n\n")[0]
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit:
+        print(
+            f"{usage}\nmemprof-limits serve: error: bad arguments {' '.join(args)!r}",
+            file=sys.stderr,
+        )
+        return 2
+    if ns.help:
+        print(SERVE_USAGE, end="")
+        return 0
+    start = start_limits(os.environ.get("MEMPROF_LIMITS"), source="MEMPROF_LIMITS")
+    for message in [*(f"default memory limit: {n}" for n in start.default.notes), *start.warnings]:
+        print(f"memprof-limits serve: {message}", file=sys.stderr)
+    spec = {
+        key: value
+        for key, value in (
+            ("allocations", ns.allocations),
+            ("memory", ns.memory),
+            ("timeout", ns.timeout),
+        )
+        if value is not None
+    }
+    try:
+        limits = ServerLimits(start.limits).override(spec)
+    except RequestError as e:
+        print(f"{usage}\nmemprof-limits serve: error: {e}", file=sys.stderr)
+        return 2
+    return serve(limits, seed=ns.seed)

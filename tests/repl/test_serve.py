@@ -1,0 +1,326 @@
+"""``memprof-limits serve`` driven as a subprocess: every request kind, sound
+branching, crashes, limits, determinism, discard, persistence, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from memprof_limits_repl import ServeClient, ServeError
+
+SERVE = [sys.executable, "-m", "memprof_limits_repl", "serve"]
+BIG = "[str(i) for i in range(10**6)]"  # allocates well over 10 MB
+
+
+@pytest.fixture
+def server() -> Any:
+    with ServeClient(timeout_s=30) as s:
+        yield s
+
+
+def pid_of(server: ServeClient, env: int) -> int:
+    """The pid of ``env``'s process: the parent of a step run on it (a step
+    that fails: it leaves no env behind)."""
+    reply = server.run("import os as _os; print(_os.getppid()); raise SystemExit", env=env)
+    assert reply.status == "error", reply
+    return int(reply.stdout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_step_makes_a_new_env_and_reports_value_output_and_fuel(server: ServeClient) -> None:
+    r = server.run("import sys\nx = 6 * 7\nprint('out'); print('err', file=sys.stderr)\nx")
+    assert (r.env, r.status, r.reason, r.value) == (0, "ok", None, "42")
+    assert (r.stdout, r.stderr, r.messages) == ("out\n", "err\n", [])
+    assert r.fuel["allocated_bytes"] > 0 and r.fuel["peak_rss_bytes"] > 10**6
+    assert 0 < r.fuel["wall_time_s"] < 5
+    # A final `;` hides the value; no final expression: null.
+    assert server.run("x;", env=0).value is None
+    assert server.run("y = x", env=0).value is None
+    # What C code writes on the descriptors is captured too.
+    r = server.run("import os; os.write(1, b'from C\\n'); os.write(2, b'e\\n')", env=0)
+    assert (r.stdout, r.stderr) == ("from C\n", "e\n")
+
+
+def test_branching_is_exact_for_objects_mutated_in_place(server: ServeClient) -> None:
+    base = server.run(
+        "import numpy as np\n"
+        "class Box:\n    def __init__(self): self.items = [1]\n"
+        "xs = [1, 2]\narr = np.zeros(3)\nbox = Box()\nshared = {'k': xs}"
+    )
+    assert base.ok, base
+    left = server.run(
+        "xs.append(3); arr += 1; box.items.append(2); box.new = 1; shared['k'].append(4)",
+        env=base.env,
+    )
+    assert left.ok, left
+    seen = "(xs, arr.tolist(), box.items, hasattr(box, 'new'), shared)"
+    assert server.run(seen, env=left.env).value == (
+        "([1, 2, 3, 4], [1.0, 1.0, 1.0], [1, 2], True, {'k': [1, 2, 3, 4]})"
+    )
+    # The base env never saw any of it, and a second branch starts from it again.
+    assert server.run(seen, env=base.env).value == (
+        "([1, 2], [0.0, 0.0, 0.0], [1], False, {'k': [1, 2]})"
+    )
+    # A failed step leaves nothing: its partial mutation is gone, its env is the input.
+    r = server.run("xs.append(99)\n1 / 0", env=base.env)
+    assert (r.status, r.env) == ("error", base.env)
+    assert server.run("xs", env=base.env).value == "[1, 2]"
+
+
+def test_an_error_reply_has_a_trimmed_traceback_and_its_line(server: ServeClient) -> None:
+    r = server.run("def f():\n    return 1 / 0\n\nf()")
+    assert (r.status, r.env, r.value) == ("error", None, None)
+    (message,) = r.messages
+    assert message["severity"] == "error" and message["line"] == 2  # where it was raised
+    data = message["data"]
+    assert data.startswith("Traceback (most recent call last):\n")
+    assert "memprof_limits" not in data and "ZeroDivisionError: division by zero" in data
+    r = server.run("x = (1 +")
+    assert r.status == "error" and r.messages[0]["line"] == 1
+    assert "SyntaxError" in r.messages[0]["data"] and "Traceback" not in r.messages[0]["data"]
+    r = server.run("raise SystemExit(3)")
+    assert r.status == "error" and "SystemExit" in r.messages[0]["data"]
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["import ctypes; ctypes.string_at(0)", "import os; os._exit(7)", "import os; os.abort()"],
+    ids=["segfault", "os._exit", "abort"],
+)
+def test_a_crashing_step_is_reported_and_every_env_stays(server: ServeClient, code: str) -> None:
+    a = server.run("xs = [1]")
+    b = server.run("xs.append(2)", env=a.env)
+    r = server.run(f"xs.append(3)\n{code}", env=b.env)
+    assert (r.status, r.env) == ("crashed", b.env)
+    data = r.messages[0]["data"]
+    expected = {"segfault": "SIGSEGV", "os._exit": "exit status 7", "abort": "SIGABRT"}
+    assert any(word in data for word in expected.values()), data
+    assert server.run("xs", env=a.env).value == "[1]"
+    assert server.run("xs", env=b.env).value == "[1, 2]"
+    assert server.run("1 + 1").value == "2"
+
+
+def test_the_allocation_limit_interrupts_and_leaves_no_state(server: ServeClient) -> None:
+    base = server.run("x = 1")
+    r = server.run(f"x = 2\ny = {BIG}", env=base.env, limits={"allocations": "10MB"})
+    assert (r.status, r.reason, r.env) == ("interrupted", "allocations", base.env)
+    assert "allocation limit of 10000000 bytes reached" in r.messages[0]["data"]
+    assert r.messages[0]["line"] == 2
+    assert 10**7 <= r.fuel["allocated_bytes"] < 10**7 + 10**6
+    assert server.run("x", env=base.env).value == "1"
+    # Per request only: the next step has the server's limits again.
+    assert server.run(f"len({BIG})", env=base.env).value == "1000000"
+
+
+def test_the_memory_limit_interrupts_a_hog_before_the_oom_killer() -> None:
+    with ServeClient(memory="300MB", timeout_s=60) as server:
+        base = server.run("keep = []")
+        r = server.run("while True:\n    keep.append(b'x' * 10**7)", env=base.env)
+        assert (r.status, r.reason, r.env) == ("interrupted", "memory", base.env), r
+        assert r.fuel["peak_rss_bytes"] < 400 * 10**6
+        # One big block is refused before its pages are touched.
+        r = server.run("b = bytearray(2 * 10**9)", env=base.env)
+        assert (r.status, r.reason) == ("interrupted", "memory"), r
+        assert server.run("len(keep)", env=base.env).value == "0"
+
+
+def test_the_timeout_stops_a_loop_that_never_allocates(server: ServeClient) -> None:
+    t0 = time.monotonic()
+    r = server.run("x = 0\nwhile True:\n    pass", limits={"timeout": 0.3})
+    assert (r.status, r.reason, r.env) == ("interrupted", "timeout", None)
+    assert "timeout of 0.3 s reached" in r.messages[0]["data"]
+    assert r.messages[0]["line"] in (2, 3)
+    assert time.monotonic() - t0 < 3
+    # time.sleep is interrupted too, at once.
+    r = server.run("import time; time.sleep(60)", limits={"timeout": 0.2})
+    assert (r.status, r.reason) == ("interrupted", "timeout")
+    assert r.fuel["wall_time_s"] < 2
+
+
+def test_a_step_stuck_in_c_is_killed_after_its_grace_period(server: ServeClient) -> None:
+    """``sum`` over a range of big ints never reaches a delivery point: the
+    process is killed a grace period (here 1 s) after the timeout."""
+    base = server.run("x = 1")
+    t0 = time.monotonic()
+    r = server.run(
+        "x = 2\nsum(range(10**15, 10**15 + 10**12))", env=base.env, limits={"timeout": 0.2}
+    )
+    elapsed = time.monotonic() - t0
+    assert (r.status, r.reason, r.env) == ("interrupted", "timeout", base.env)
+    assert "killed" in r.messages[0]["data"]
+    assert 1.1 < elapsed < 5, elapsed
+    assert server.run("x", env=base.env).value == "1"
+
+
+def test_allocated_bytes_are_the_same_every_run_and_across_servers() -> None:
+    step = "import json\nd = {str(i): [i] * 10 for i in range(20000)}\ns = json.dumps(d)\nlen(s)"
+    counts = []
+    for _ in range(2):
+        with ServeClient() as server:
+            base = server.run("import collections\ncounter = collections.Counter('abc')")
+            for _ in range(5):
+                r = server.run(step, env=base.env)
+                assert r.ok, r
+                counts.append(r.fuel["allocated_bytes"])
+    assert counts[0] > 10**6
+    assert len(set(counts)) == 1, counts
+
+
+def test_discard_ends_the_env_processes_and_frees_their_memory(server: ServeClient) -> None:
+    big = server.run("blob = bytearray(200 * 2**20)\nblob[::4096] = b'x' * len(blob[::4096])")
+    child = server.run("y = 1", env=big.env)
+    pid, child_pid = pid_of(server, big.env), pid_of(server, child.env)
+    with open(f"/proc/{pid}/status") as f:
+        rss_kib = int(next(line for line in f if line.startswith("VmRSS")).split()[1])
+    assert rss_kib > 200 * 1024
+    assert server.discard(big.env) == [big.env]
+    assert not alive(pid)
+    # An env forked from a discarded one lives on (reparented to the server).
+    assert server.run("y", env=child.env).value == "1"
+    assert alive(child_pid)
+    with pytest.raises(ServeError, match=f"discarded env {big.env}"):
+        server.run("1", env=big.env)
+    # All or nothing: an unknown id discards none.
+    with pytest.raises(ServeError, match="unknown env 999"):
+        server.discard(child.env, 999)
+    assert server.run("y", env=child.env).value == "1"
+    server.discard(child.env)
+    assert not alive(child_pid)
+
+
+def test_pickle_to_and_unpickle_env_from(server: ServeClient, tmp_path: Path) -> None:
+    base = server.run(
+        "import math\nimport threading\nxs = [1, 2, {'a': (3, 4)}]\nlock = threading.Lock()\n"
+        "f = lambda: 1\ndef g(): return 2\nn = 5"
+    )
+    path = str(tmp_path / "state.pickle")
+    saved = server.pickle_to(path, base.env)
+    assert saved["names"] == ["math", "n", "threading", "xs"]
+    assert set(saved["unpicklable"]) == {"lock", "f", "g"}
+    assert "cannot pickle" in saved["unpicklable"]["lock"]
+    loaded = server.unpickle_from(path)
+    assert loaded["names"] == ["math", "n", "threading", "xs"] and loaded["failed"] == {}
+    r = server.run("(xs, n, math.floor(2.5), 'lock' in dir())", env=loaded["env"])
+    assert r.value == "([1, 2, {'a': (3, 4)}], 5, 2, False)"
+    # Pickling runs in a fork: a __reduce__ with side effects cannot change the env.
+    env = server.run(
+        "class Evil:\n    def __reduce__(self):\n        xs.append('mutated')\n"
+        "        return (int, (1,))\nevil = Evil()",
+        env=base.env,
+    ).env
+    server.pickle_to(path, env)  # type: ignore[arg-type]
+    assert server.run("xs[-1]", env=env).value == "{'a': (3, 4)}"
+    with pytest.raises(ServeError, match="cannot write"):
+        server.pickle_to(str(tmp_path / "no" / "such" / "dir"), base.env)  # type: ignore[arg-type]
+    with pytest.raises(ServeError, match="cannot read"):
+        server.unpickle_from(str(tmp_path / "missing"))
+    (tmp_path / "other").write_bytes(pickle.dumps({"not": "a state"}))
+    with pytest.raises(ServeError, match="not a state written by pickleTo"):
+        server.unpickle_from(str(tmp_path / "other"))
+
+
+BAD_INPUT = [
+    (b"not json", "expected one JSON object per line"),
+    (b"[1, 2]", "expected a JSON object"),
+    (b'{"cmd": 3}', '"cmd" must be Python source'),
+    (b'{"cmd": "1", "env": "0"}', '"env" must be an env id'),
+    (b'{"cmd": "1", "env": true}', '"env" must be an env id'),
+    (b'{"cmd": "1", "env": 12345}', "unknown env 12345"),
+    (b'{"cmd": "1", "limits": {"allocations": "lots"}}', '"allocations"'),
+    (b'{"cmd": "1", "limits": {"memory": -5}}', '"memory"'),
+    (b'{"cmd": "1", "limits": {"timeout": -1}}', '"timeout" must be more than 0'),
+    (b'{"cmd": "1", "limits": {"timeout": "soon"}}', '"timeout" must be a number'),
+    (b'{"cmd": "1", "limits": {"cpu": 1}}', "unknown key 'cpu'"),
+    (b'{"cmd": "1", "limits": [1]}', '"limits" must be an object'),
+    (b'{"cmd": "1", "extra": 1}', 'unknown key "extra"'),
+    (b'{"cmd": "1", "discard": [0]}', "exactly one of"),
+    (b"{}", "exactly one of"),
+    (b'{"discard": 0}', '"discard" must be an array'),
+    (b'{"discard": ["0"]}', '"env" must be an env id'),
+    (b'{"pickleTo": 5, "env": 0}', '"pickleTo" must be a file path'),
+    (b'{"pickleTo": "/tmp/x"}', 'needs the "env"'),
+    (b'{"unpickleEnvFrom": null}', '"unpickleEnvFrom" must be a file path'),
+    (b"\xff\xfe\n", "expected one JSON object per line"),
+    (b'{"cmd": "1"' + b" " * 100, "expected one JSON object per line"),
+]
+
+
+def test_bad_input_gets_an_error_that_says_what_was_expected() -> None:
+    lines = [b'{"cmd": "x = 1"}', *(line for line, _ in BAD_INPUT), b"", b'{"cmd": "x", "env": 0}']
+    proc = subprocess.run(
+        SERVE, input=b"\n".join(lines) + b"\n", capture_output=True, timeout=60, check=True
+    )
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(replies) == len(BAD_INPUT) + 2, proc.stdout  # the empty line gets no reply
+    assert replies[0]["env"] == 0
+    for reply, (line, expected) in zip(replies[1:-1], BAD_INPUT, strict=True):
+        assert set(reply) == {"error"}, (line, reply)
+        assert expected in reply["error"], (line, reply)
+    assert replies[-1]["value"] == "1"  # the session went on
+    assert proc.stderr == b"", proc.stderr
+
+
+def test_eof_ends_the_server_and_every_process_it_started() -> None:
+    client = ServeClient()
+    a = client.run("x = 1")
+    b = client.run("y = 2", env=a.env)
+    pids = [pid_of(client, a.env), pid_of(client, b.env)]  # type: ignore[arg-type]
+    client.discard(a.env)  # type: ignore[arg-type]
+    assert client.close() == 0
+    assert not any(alive(pid) for pid in pids)
+
+
+def test_a_signalled_or_killed_server_leaves_no_process() -> None:
+    for how in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+        client = ServeClient()
+        env = client.run("x = 1").env
+        pid = pid_of(client, env)  # type: ignore[arg-type]
+        os.kill(client.process.pid, how)
+        client.process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(pid), how
+        client.close()
+
+
+def test_an_env_killed_from_outside_is_reported_gone(server: ServeClient) -> None:
+    env = server.run("x = 1").env
+    os.kill(pid_of(server, env), 9)  # type: ignore[arg-type]
+    time.sleep(0.1)
+    with pytest.raises(ServeError, match=f"env {env} is gone"):
+        server.run("x", env=env)
+    assert server.run("2").value == "2"
+
+
+def test_output_is_capped(server: ServeClient) -> None:
+    r = server.run("print('x' * (3 << 20))")
+    assert r.ok and len(r.stdout) < (1 << 20) + 200
+    assert "more characters not kept" in r.stdout
+
+
+def test_server_defaults_come_from_the_command_line() -> None:
+    with ServeClient(allocations="10MB", timeout_s=0.3) as server:
+        assert server.run(f"y = {BIG}").reason == "allocations"
+        assert server.run("while True: pass").reason == "timeout"
+        # A request lifts a default.
+        assert server.run(f"len({BIG})", limits={"allocations": "off"}).value == "1000000"
+    bad = subprocess.run([*SERVE, "--allocations", "lots"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "allocations" in bad.stderr
+    usage = subprocess.run([*SERVE, "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "docs/serve.md" in usage.stdout
