@@ -68,6 +68,7 @@ Known failure cases
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import gc
 import io
@@ -170,6 +171,8 @@ class ServerLimits:
 def _size_or_off(value: object, name: str) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise RequestError(
             f'"{name}" must be a size: a number of bytes or a string like "50MB", or null / '
@@ -217,17 +220,27 @@ def _clip(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+# What the env processes call between steps, bound when the module is imported: a step that
+# replaces os.fork, pickle.dumps or socket.recv_fds in its env does not break the env.
+_fork, _waitpid, _exit = os.fork, os.waitpid, os._exit
+_dumps, _loads = pickle.dumps, pickle.loads
+_send_fds, _recv_fds = socket.send_fds, socket.recv_fds
+#: How long the server waits for an env process to answer a control message
+#: (forked, waited) before it gives the env up (a thread of the env holding
+#: the interpreter in C, say).
+ANSWER_TIMEOUT_S = 60.0
+
 # ---- messages between the server and the env processes -------------------------------
 # A message: 4 bytes of length, then a pickle (both ends are this module).
 # A socket given to a process travels with the first bytes of its message.
 
 
 def _send(sock: socket.socket, message: object, fds: Iterable[int] = ()) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = _dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     frame = struct.pack("!I", len(data)) + data
     fds = list(fds)
     if fds:
-        sent = socket.send_fds(sock, [frame], fds)
+        sent = _send_fds(sock, [frame], fds)
         frame = frame[sent:]
     if frame:
         sock.sendall(frame)
@@ -235,7 +248,9 @@ def _send(sock: socket.socket, message: object, fds: Iterable[int] = ()) -> None
 
 def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
     """The next message and the descriptors sent with it; ``None`` at EOF."""
-    header, fds, _flags, _addr = socket.recv_fds(sock, 4, 4)
+    header, fds, _flags, _addr = _recv_fds(sock, 4, 4)
+    for fd in fds:  # not inherited by a program a step runs (received descriptors are)
+        os.set_inheritable(fd, False)
     if not header:
         return None
     rest = _recv_exact(sock, 4 - len(header))
@@ -245,7 +260,7 @@ def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
     data = _recv_exact(sock, length)
     if data is None:
         return None
-    return pickle.loads(data), fds
+    return _loads(data), fds
 
 
 def _recv_exact(sock: socket.socket, length: int) -> bytes | None:
@@ -276,74 +291,115 @@ class _State:
         return self.module.__dict__
 
 
+# The channel of this process to the server.  A process forked by this one
+# (a step's child, a step's own os.fork or multiprocessing worker) closes its
+# copy at once (os.register_at_fork, in _start_root): only the process the
+# server knows can answer on it, and its death is seen (EOF) even while
+# something it forked lives on.
+_channel: socket.socket | None = None
+
+
+def _close_channel_in_child() -> None:
+    global _channel
+    if _channel is not None:
+        _channel.close()
+        _channel = None
+
+
 def _env_loop(channel: socket.socket, state: _State) -> NoReturn:
     """Serve the server's requests on ``channel`` until EOF or ``exit``."""
+    global _channel
+    _channel = channel
     while True:
         try:
             got = _recv(channel)
         except OSError:
             got = None
         if got is None:
-            os._exit(0)
+            _exit(0)
         (op, arg), fds = got
         if op == "exit":
-            os._exit(0)
-        if op == "wait":
-            try:
-                _pid, status = os.waitpid(arg, 0)
-                _send(channel, ("waited", status))
-            except ChildProcessError:
-                _send(channel, ("waited", None))
-            continue
-        # "step", "pickle", "unpickle": in a fork, on the socket that came with it.
-        child_channel = socket.socket(fileno=fds[0])
-        for extra in fds[1:]:
-            os.close(extra)
+            _exit(0)
         try:
-            pid = os.fork()
-        except OSError as e:
+            if op == "wait":
+                try:
+                    answer: tuple[str, Any] = ("waited", _waitpid(arg, 0)[1])
+                except ChildProcessError:
+                    answer = ("waited", None)
+                _send(channel, answer)
+                continue
+            # "step", "pickle", "unpickle": in a fork, on the socket that came with it.
+            child_channel = socket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                os.close(extra)
+            try:
+                pid = _fork()
+            except OSError as e:
+                child_channel.close()
+                _send(channel, ("fork failed", str(e)))
+                continue
+            if pid == 0:  # (our channel is closed already: _close_channel_in_child)
+                _child(op, arg, child_channel, state)
             child_channel.close()
-            _send(channel, ("fork failed", str(e)))
-            continue
-        if pid == 0:
-            channel.close()
-            _child(op, arg, child_channel, state)
-        child_channel.close()
-        _send(channel, ("forked", pid))
+            _send(channel, ("forked", pid))
+        except Exception as e:  # what a step left in this env broke a request: say so
+            try:
+                _send(channel, ("failed", f"{type(e).__name__}: {e}"))
+            except OSError:
+                _exit(0)
 
 
 def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) -> NoReturn:
     """A fork of an env: run ``op``, reply, and either become an env (a step
-    that succeeded) or exit."""
+    that succeeded) or exit.  In a process group of its own: a step's
+    ``os.kill(0, ...)`` or ``os.killpg`` reaches its own processes only, not
+    the server and the other envs."""
+    global _channel
+    _channel = channel
+    me = os.getpid()
     try:
+        os.setpgid(0, 0)
         if op == "step":
             result = _step(state, arg)
         elif op == "pickle":
             result = _pickle_state(state, arg)
         else:
             result = _unpickle_state(state, arg)
+        if os.getpid() != me:  # a fork made by the step returned through here
+            _exit(0)
         _send(channel, ("result", result))
         if result["status"] == "ok" and op != "pickle":
             _env_loop(channel, state)
     except BaseException:  # our own failure: said, and the step fails
         try:
-            message = {
-                "severity": "error",
-                "data": "memprof-limits serve: " + traceback.format_exc(),
-            }
-            _send(channel, ("result", {"status": "error", "messages": [message]}))
+            if os.getpid() == me:
+                message = {
+                    "severity": "error",
+                    "data": "memprof-limits serve: " + traceback.format_exc(),
+                }
+                _send(channel, ("result", {"status": "error", "messages": [message]}))
         except BaseException:
             pass
-    os._exit(0)
+    _exit(0)
+
+
+# The captured streams of the steps this process ran, kept alive for good.
+# CPython's print() holds sys.stdout by a borrowed reference while it calls
+# write(): a thread a step left printing would use a freed stream once the
+# step's end put the server's stream back and dropped the last reference
+# (seen: "'_CappedText' object has no attribute 'kept'", then a segfault).
+_RETIRED: list[object] = []
 
 
 class _CappedText(io.TextIOBase):
-    """A text stream that keeps its first :data:`OUTPUT_CAP` characters."""
+    """A text stream that keeps its first :data:`OUTPUT_CAP` characters;
+    once retired, it keeps nothing."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.kept = 0
         self.dropped = 0
+        self.retired = False
 
     def writable(self) -> bool:
         return True
@@ -351,6 +407,8 @@ class _CappedText(io.TextIOBase):
     def write(self, s: str) -> int:
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if self.retired:
+            return len(s)
         room = OUTPUT_CAP - self.kept
         if len(s) <= room:
             self.parts.append(s)
@@ -361,10 +419,13 @@ class _CappedText(io.TextIOBase):
             self.dropped += len(s) - room
         return len(s)
 
-    def text(self) -> str:
+    def retire(self) -> str:
+        """What was written; later writes are dropped."""
+        self.retired = True
         text = "".join(self.parts)
         if self.dropped:
             text += f"\n[memprof-limits serve: {self.dropped} more characters not kept]\n"
+        self.parts = []
         return text
 
 
@@ -383,6 +444,7 @@ class _Captured:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        _RETIRED.extend((sys.stdout, sys.stderr))  # the step's, or streams it set (see _RETIRED)
         sys.stdout, sys.stderr = self.saved
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -446,7 +508,6 @@ def _step(state: _State, request: dict[str, Any]) -> dict[str, Any]:
 
             _canonical_heap()
             outcome, result, timed_out = _run_limited(task, limits, state.namespace)
-            sys.stdout.flush()
             if outcome.interrupted:
                 reason = "timeout" if timed_out and outcome.reason == "token" else outcome.reason
                 if reason == "timeout":
@@ -466,8 +527,8 @@ def _step(state: _State, request: dict[str, Any]) -> dict[str, Any]:
                 reply["messages"] = [
                     {"severity": "warning", "data": f.describe()} for f in outcome.failures
                 ]
-    reply["stdout"] = captured.out.text()
-    reply["stderr"] = captured.err.text()
+    reply["stdout"] = captured.out.retire()
+    reply["stderr"] = captured.err.retire()
     if outcome is not None:
         reply["fuel"] = {
             "allocated_bytes": outcome.allocated_bytes,
@@ -636,6 +697,8 @@ class Server:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError) as e:
             return {"error": f"expected one JSON object per line: {_clip(str(e), 200)}"}
+        except RecursionError:
+            return {"error": "expected one JSON object per line: nested too deeply"}
         try:
             return self.handle(request)
         except RequestError as e:
@@ -669,7 +732,7 @@ class Server:
             return self.pickle_to(request)
         return self.unpickle_from(request)
 
-    def env(self, value: object, *, optional: bool = False) -> _Env:
+    def env(self, value: object, *, optional: bool = False, gone_ok: bool = False) -> _Env:
         if value is None and optional:
             return self.root
         if isinstance(value, bool) or not isinstance(value, int):
@@ -679,8 +742,8 @@ class Server:
             why = "discarded" if value in self.discarded else "unknown"
             known = f"envs 0..{self.next_id - 1}" if self.next_id else "no env yet"
             raise RequestError(f"{why} env {value} ({known}; {len(self.envs)} live)")
-        if not env.alive:
-            raise RequestError(f"env {value} is gone: its process died")
+        if not env.alive and not gone_ok:
+            raise RequestError(f"env {value} is gone: its process died (discard it)")
         return env
 
     def command(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -743,12 +806,14 @@ class Server:
     def discard(self, ids: object) -> dict[str, Any]:
         if not isinstance(ids, list):
             raise RequestError(f'"discard" must be an array of env ids, not {_json_type(ids)}')
-        envs = [self.env(i) for i in ids]  # all or nothing: an unknown id discards none
-        for env in envs:
+        # All or nothing: an unknown id discards none.  An env whose process
+        # died (killed from outside) can be discarded.
+        envs = {i: self.env(i, gone_ok=True) for i in ids}
+        for i, env in envs.items():
             self.end(env)
-            del self.envs[env.id]  # type: ignore[arg-type]
-            self.discarded.add(env.id)  # type: ignore[arg-type]
-        return {"discarded": sorted({env.id for env in envs})}  # type: ignore[type-var]
+            del self.envs[i]
+            self.discarded.add(i)
+        return {"discarded": sorted(envs)}
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -766,17 +831,13 @@ class Server:
         ours, theirs = socket.socketpair()
         start = time.monotonic()
         try:
-            _send(env.channel, (op, work), [theirs.fileno()])
-            answer = _recv(env.channel)
-        except OSError:
-            answer = None
+            answer = self.ask(env, (op, work), [theirs.fileno()])
         finally:
             theirs.close()
         if answer is None:
             ours.close()
-            self.lost(env)
-            raise RequestError(f"env {env.id} is gone: its process died")
-        (what, pid), _fds = answer
+            raise RequestError(f"env {env.id} is gone: its process died or stopped answering")
+        what, pid = answer
         if what != "forked":
             ours.close()
             return {"env": env.id, "status": "error", "error": f"cannot fork env {env.id}: {pid}"}
@@ -804,6 +865,9 @@ class Server:
                 "wall_time_s": elapsed,
             }
         if result is None:
+            # Dead, or alive with its channel closed (by the step): useless either way.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
             status = self.reap(env, pid)
             ours.close()
             return {
@@ -850,18 +914,32 @@ class Server:
         """Wait for ``pid``, a child of ``parent`` (or of the server if that
         process is gone); its wait status, or ``None`` if unknown."""
         if parent.alive:
-            try:
-                _send(parent.channel, ("wait", pid))
-                answer = _recv(parent.channel)
-            except OSError:
-                answer = None
+            answer = self.ask(parent, ("wait", pid))
             if answer is not None:
-                return answer[0][1]  # type: ignore[no-any-return]
-            self.lost(parent)
-        try:
-            return os.waitpid(pid, 0)[1]
+                return answer[1] if answer[0] == "waited" else None  # type: ignore[no-any-return]
+        try:  # a child of the server now (subreaper), or of init: reaped later, or by it
+            return os.waitpid(pid, os.WNOHANG)[1] or None
         except ChildProcessError:
             return None
+
+    def ask(self, env: _Env, message: object, fds: Iterable[int] = ()) -> Any:
+        """Send ``message`` to ``env``'s process and return its answer;
+        ``None`` if the process is gone, or has not answered within
+        :data:`ANSWER_TIMEOUT_S` (then it is killed: its answer would come
+        too late, to the next question)."""
+        try:
+            _send(env.channel, message, fds)
+            ready, _, _ = select.select([env.channel], [], [], ANSWER_TIMEOUT_S)
+            got = _recv(env.channel) if ready else None
+            if not ready:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(env.pid, signal.SIGKILL)
+        except OSError:
+            got = None
+        if got is None:
+            self.lost(env)
+            return None
+        return got[0]
 
     def lost(self, env: _Env) -> None:
         """``env``'s process is gone (killed from outside)."""
@@ -872,17 +950,18 @@ class Server:
                 self.reap(env.parent, env.pid)
 
     def end(self, env: _Env) -> None:
-        """End ``env``'s process and wait for it."""
+        """End ``env``'s process and wait for it.  Killed, not asked: it may
+        be busy (a thread a step left running), and nothing in it needs to
+        run (its pid stays its own until its parent reaps it)."""
         if not env.alive:
             return
-        try:
-            _send(env.channel, ("exit", None))
-        except OSError:
-            pass
         env.alive = False
         env.channel.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(env.pid, signal.SIGKILL)
         if env.parent is None:
-            os.waitpid(env.pid, 0)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(env.pid, 0)
         else:
             self.reap(env.parent, env.pid)
 
@@ -960,6 +1039,7 @@ def _start_root(channel: socket.socket, seed: int) -> NoReturn:
         # server's to handle (it ends everything), not each state's.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.register_at_fork(after_in_child=_close_channel_in_child)
         ml.start(seed=seed)
         state = _State()
     except BaseException:

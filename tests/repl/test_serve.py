@@ -324,3 +324,77 @@ def test_server_defaults_come_from_the_command_line() -> None:
     assert bad.returncode == 2 and "allocations" in bad.stderr
     usage = subprocess.run([*SERVE, "--help"], capture_output=True, text=True)
     assert usage.returncode == 0 and "docs/serve.md" in usage.stdout
+
+
+def test_a_step_that_forks_or_leaves_processes_behind(server: ServeClient) -> None:
+    """A fork made by a step cannot answer for it (its copy of the channel is closed at
+    once); a step that dies while a process it started lives on is still seen to crash."""
+    r = server.run("import os\npid = os.fork()\nxs = [pid == 0]\nxs")
+    assert r.ok and r.value == "[False]", r
+    assert server.run("xs", env=r.env).value == "[False]"
+    t0 = time.monotonic()
+    r = server.run("import os, subprocess\nsubprocess.Popen(['sleep', '30'])\nos._exit(3)")
+    assert r.status == "crashed" and "exit status 3" in r.messages[0]["data"], r
+    assert time.monotonic() - t0 < 10
+    r = server.run(
+        "import multiprocessing as mp\nmp.set_start_method('fork', force=True)\n"
+        "with mp.Pool(2) as pool:\n    squares = pool.map(abs, [-1, -2])\nsquares"
+    )
+    assert r.ok and r.value == "[1, 2]", r
+
+
+def test_a_step_that_kills_its_process_group_or_its_env(server: ServeClient) -> None:
+    base = server.run("x = 1")
+    r = server.run("import os, signal\nos.killpg(0, signal.SIGKILL)", env=base.env)
+    assert r.status == "crashed" and "SIGKILL" in r.messages[0]["data"], r
+    assert server.run("x", env=base.env).value == "1"  # the env and the server live on
+    child = server.run(
+        "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\ny = 2", env=base.env
+    )
+    assert child.ok, child
+    time.sleep(0.1)
+    with pytest.raises(ServeError, match=f"env {base.env} is gone"):
+        server.run("x", env=base.env)
+    assert server.run("(x, y)", env=child.env).value == "(1, 2)"
+    assert server.discard(base.env) == [base.env]  # a dead env can be discarded
+
+
+def test_what_a_step_leaves_in_its_env_does_not_break_it(server: ServeClient) -> None:
+    r = server.run(
+        "import os, pickle, socket, threading, sys\n"
+        "def spin():\n    while True:\n        print('from a thread')\n"
+        "threading.Thread(target=spin, daemon=True).start()\n"
+        "os.fork = None\npickle.dumps = pickle.loads = None\nsocket.send_fds = None\n"
+        "sys.stdout = None\nx = 1"
+    )
+    assert r.ok, r
+    for _ in range(3):
+        step = server.run("x + 1", env=r.env)
+        assert step.ok and step.value == "2", step
+        assert "from a thread" not in step.stdout  # the thread is not in the fork
+    assert server.discard(r.env) == [r.env]
+
+
+def test_more_hostile_input() -> None:
+    lines = [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"cmd": "x = 1", "limits": {"allocations": 5e7}}',
+        b'{"cmd": "x = 1", "limits": {"allocations": 5.5}}',
+        b'{"cmd": "x = 1", "limits": {"timeout": 1e400}}',
+        b'{"discard": [0, 0]}',
+        b'{"cmd": "\\u0000"}',
+        b'{"cmd": "x", "env": -1}',
+    ]
+    proc = subprocess.run(
+        SERVE, input=b"\n".join(lines) + b"\n", capture_output=True, timeout=60, check=True
+    )
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(replies) == len(lines), replies
+    assert "nested too deeply" in replies[0]["error"]
+    assert replies[1]["env"] == 0 and replies[1]["status"] == "ok"
+    assert "allocations" in replies[2]["error"]
+    assert "timeout" in replies[3]["error"]
+    assert replies[4] == {"discarded": [0]}
+    assert replies[5]["status"] == "error" and "null" in replies[5]["messages"][0]["data"]
+    assert "unknown env -1" in replies[6]["error"]
+    assert proc.stderr == b"", proc.stderr
