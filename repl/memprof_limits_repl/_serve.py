@@ -35,8 +35,11 @@ exact for any object, sharing the unchanged pages.
   the child runs the step on the new socket, as a cell of a
   :class:`memprof_limits.CellRunner` (allocation budget, global memory
   limit, a token set by a timer for the timeout), with its output captured.
-  If the step succeeds, the child *is* the new env and waits on that socket;
-  otherwise it exits, and env *k* is unchanged (it never ran the step).
+  If the step succeeds, a fork of the child (single-threaded: what the
+  step left running cannot change it) is the new env and waits on that
+  socket; otherwise the child's process group is killed, and env *k* is
+  unchanged (it never ran the step).  The messages are JSON: a step can
+  write on its socket, and nothing it writes may run in the server.
 - A child that dies before replying (a segfault, ``os._exit``, the OOM
   killer) is a ``crashed`` step; its parent env reaps it and says how it
   died.  A step that does not stop within its timeout plus a grace period
@@ -51,9 +54,11 @@ exact for any object, sharing the unchanged pages.
 
 Known failure cases
 -------------------
-- Threads are not part of a state: a thread a step started does not exist
-  in the envs forked from it (``fork`` copies the calling thread only).
-  Objects held by such a thread, and locks it held, are copied as they were.
+- Threads are not part of a state: the env made from a step is a fork of
+  its process (a single-threaded copy, frozen at the step's end).  Objects
+  held by a thread of the step, and locks it held, are copied as they were.
+- Memory shared across fork (``mmap`` of anonymous memory,
+  ``multiprocessing.Value``) is shared between the branches too.
 - Open files and sockets are shared with the envs forked later (the same
   file offset), as after any ``fork``.
 - Memory is counted per process: the memory limit applies to the resident
@@ -70,6 +75,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import ctypes
+import fcntl
+import functools
 import gc
 import io
 import json
@@ -79,6 +86,7 @@ import pickle
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -124,6 +132,7 @@ _PROTOCOL_KEYS = {
     "unpickleEnvFrom": {"unpickleEnvFrom", "limits"},
 }
 _PICKLE_FORMAT = "memprof-limits-env/1"
+STATUSES = ("ok", "error", "interrupted", "crashed")
 
 
 class RequestError(ValueError):
@@ -166,6 +175,21 @@ class ServerLimits:
         if "timeout" in spec:
             timeout = parse_timeout(spec["timeout"])
         return ServerLimits(cell, timeout)
+
+    def to_json(self) -> dict[str, Any]:
+        c = self.cell
+        return {
+            "memory": [c.memory, c.memory_text],
+            "allocations": [c.allocations, c.allocations_text],
+            "timeout": self.timeout_s,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ServerLimits:
+        (memory, memory_text), (allocations, allocations_text) = data["memory"], data["allocations"]
+        cell = ml.CellLimits(memory=memory, allocations=allocations)
+        cell = replace(cell, memory_text=memory_text, allocations_text=allocations_text)
+        return cls(cell, data["timeout"])
 
 
 def _size_or_off(value: object, name: str) -> int | None:
@@ -220,58 +244,97 @@ def _clip(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-# What the env processes call between steps, bound when the module is imported: a step that
-# replaces os.fork, pickle.dumps or socket.recv_fds in its env does not break the env.
-_fork, _waitpid, _exit = os.fork, os.waitpid, os._exit
-_dumps, _loads = pickle.dumps, pickle.loads
+# What the processes call to talk to each other, bound when the module is imported: a step
+# that replaces os.fork, json.dumps, len, socket methods... in its env does not break it.
+_fork, _waitpid, _exit, _setpgid = os.fork, os.waitpid, os._exit, os.setpgid
+_len, _int, _type = builtins.len, builtins.int, builtins.type
+_dumps, _loads = json.JSONEncoder(default=lambda _o: None).encode, json.JSONDecoder().decode
+_header = struct.Struct("!I")
 _send_fds, _recv_fds = socket.send_fds, socket.recv_fds
+_sendall, _sock_recv = socket.socket.sendall, socket.socket.recv
+_select = select.select
 #: How long the server waits for an env process to answer a control message
 #: (forked, waited) before it gives the env up (a thread of the env holding
 #: the interpreter in C, say).
 ANSWER_TIMEOUT_S = 60.0
+#: The largest message a process may send (bytes): a step's reply is capped
+#: far below (OUTPUT_CAP per field); a bigger length is a forged frame.
+MAX_MESSAGE = 64 << 20
 
 # ---- messages between the server and the env processes -------------------------------
-# A message: 4 bytes of length, then a pickle (both ends are this module).
+# A message: 4 bytes of length, then JSON -- never pickle: a step can write on its socket
+# (it finds it in /proc/self/fd), and what it writes must not run code in the server.
 # A socket given to a process travels with the first bytes of its message.
 
 
+class _BadMessage(Exception):
+    """A message that is not one of ours (forged by a step), or too slow."""
+
+
 def _send(sock: socket.socket, message: object, fds: Iterable[int] = ()) -> None:
-    data = _dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    frame = struct.pack("!I", len(data)) + data
+    data = _dumps(message).encode()
+    frame = _header.pack(_len(data)) + data
     fds = list(fds)
     if fds:
         sent = _send_fds(sock, [frame], fds)
         frame = frame[sent:]
     if frame:
-        sock.sendall(frame)
+        _sendall(sock, frame)
 
 
-def _recv(sock: socket.socket) -> tuple[Any, list[int]] | None:
-    """The next message and the descriptors sent with it; ``None`` at EOF."""
+def _recv(sock: socket.socket, deadline: float | None = None) -> tuple[Any, list[int]] | None:
+    """The next message and the descriptors sent with it; ``None`` at EOF.
+    Raises :class:`_BadMessage` if it is not a message of ours, or if
+    ``deadline`` (``time.monotonic()``) passes while it is incomplete."""
+    _wait_readable(sock, deadline)
     header, fds, _flags, _addr = _recv_fds(sock, 4, 4)
-    for fd in fds:  # not inherited by a program a step runs (received descriptors are)
-        os.set_inheritable(fd, False)
+    fds = [_above_std(fd) for fd in fds]
     if not header:
         return None
-    rest = _recv_exact(sock, 4 - len(header))
+    rest = _recv_exact(sock, 4 - _len(header), deadline)
     if rest is None:
         return None
-    (length,) = struct.unpack("!I", header + rest)
-    data = _recv_exact(sock, length)
+    (length,) = _header.unpack(header + rest)
+    if length > MAX_MESSAGE:
+        raise _BadMessage(f"a message of {length} bytes")
+    data = _recv_exact(sock, length, deadline)
     if data is None:
         return None
-    return _loads(data), fds
+    try:
+        return _loads(data.decode()), fds
+    except ValueError as e:
+        raise _BadMessage(str(e)) from None
 
 
-def _recv_exact(sock: socket.socket, length: int) -> bytes | None:
+def _recv_exact(sock: socket.socket, length: int, deadline: float | None) -> bytes | None:
     chunks = []
     while length:
-        chunk = sock.recv(min(length, 1 << 20))
+        _wait_readable(sock, deadline)
+        chunk = _sock_recv(sock, min(length, 1 << 20))
         if not chunk:
             return None
         chunks.append(chunk)
-        length -= len(chunk)
+        length -= _len(chunk)
     return b"".join(chunks)
+
+
+def _wait_readable(sock: socket.socket, deadline: float | None) -> None:
+    if deadline is not None:
+        ready, _, _ = _select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise _BadMessage("no complete message in time")
+
+
+def _above_std(fd: int) -> int:
+    """A received descriptor, moved above 0-2 (a step may have closed those,
+    and they get dup2'ed over for capture) and not inherited by a program a
+    step runs (received descriptors are inheritable)."""
+    if fd > 2:
+        os.set_inheritable(fd, False)
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
 
 
 # ---- env processes ---------------------------------------------------------------------
@@ -351,14 +414,23 @@ def _env_loop(channel: socket.socket, state: _State) -> NoReturn:
 
 def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) -> NoReturn:
     """A fork of an env: run ``op``, reply, and either become an env (a step
-    that succeeded) or exit.  In a process group of its own: a step's
-    ``os.kill(0, ...)`` or ``os.killpg`` reaches its own processes only, not
-    the server and the other envs."""
+    that succeeded) or exit.
+
+    In a process group of its own: a step's ``os.kill(0, ...)`` or
+    ``os.killpg`` reaches its own processes only, not the server and the
+    other envs.  Killed if its env dies (the server gone: PR_SET_PDEATHSIG).
+    A step that succeeded forks once more, and that single-threaded copy is
+    the env: a thread the step left running, an alarm it set, cannot change
+    the state afterwards or keep the env from answering."""
     global _channel
     _channel = channel
-    me = os.getpid()
+    me, env_pid = os.getpid(), os.getppid()
     try:
-        os.setpgid(0, 0)
+        _setpgid(0, 0)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != env_pid:  # the env died before that: nobody waits for us
+            _exit(0)
+        arg["limits"] = ServerLimits.from_json(arg["limits"])
         if op == "step":
             result = _step(state, arg)
         elif op == "pickle":
@@ -367,9 +439,15 @@ def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) 
             result = _unpickle_state(state, arg)
         if os.getpid() != me:  # a fork made by the step returned through here
             _exit(0)
-        _send(channel, ("result", result))
         if result["status"] == "ok" and op != "pickle":
+            _channel = None  # (the fork below keeps it)
+            if _fork() != 0:
+                _exit(0)  # the step's process ends, with every thread of the step
+            _channel = channel
+            result["pid"] = os.getpid()
+            _send(channel, ("result", result))
             _env_loop(channel, state)
+        _send(channel, ("result", result))
     except BaseException:  # our own failure: said, and the step fails
         try:
             if os.getpid() == me:
@@ -381,6 +459,19 @@ def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) 
         except BaseException:
             pass
     _exit(0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl(option: int, value: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().prctl(option, value, 0, 0, 0)
+
+
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 # The captured streams of the steps this process ran, kept alive for good.
@@ -444,7 +535,8 @@ class _Captured:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _RETIRED.extend((sys.stdout, sys.stderr))  # the step's, or streams it set (see _RETIRED)
+        # Ours and whatever the step put in their place stay alive: see _RETIRED.
+        _RETIRED.extend((self.out, self.err, sys.stdout, sys.stderr))
         sys.stdout, sys.stderr = self.saved
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
@@ -498,13 +590,13 @@ def _step(state: _State, request: dict[str, Any]) -> dict[str, Any]:
         remember_source(filename, code)
         try:
             compiled = state.compiler.compile(code, filename)
-        except (SyntaxError, ValueError, OverflowError) as e:
-            reply.update(status="error", messages=[_message(e, frames=False)])
+        except (SyntaxError, ValueError, OverflowError, RecursionError, MemoryError) as e:
+            reply.update(status="error", messages=[_message(e, limits, filename, frames=False)])
         else:
 
             def task() -> str | None:
                 value = execute_compiled(compiled, state.namespace)
-                return None if value is None else _clip(repr(value), OUTPUT_CAP)
+                return None if value is None else _plain(repr(value))
 
             _canonical_heap()
             outcome, result, timed_out = _run_limited(task, limits, state.namespace)
@@ -512,16 +604,10 @@ def _step(state: _State, request: dict[str, Any]) -> dict[str, Any]:
                 reason = "timeout" if timed_out and outcome.reason == "token" else outcome.reason
                 if reason == "timeout":
                     outcome.message = f"timeout of {limits.timeout_s:g} s reached"
-                text = io.StringIO()
-                print_interrupt(outcome, file=text)
-                line = _line_of(outcome.exception, filename)
-                reply.update(
-                    status="interrupted",
-                    reason=reason,
-                    messages=[{"severity": "error", "data": text.getvalue(), "line": line}],
-                )
+                message = _message(outcome.exception, limits, filename, outcome=outcome)
+                reply.update(status="interrupted", reason=reason, messages=[message])
             elif isinstance(result, BaseException):
-                reply.update(status="error", messages=[_message(result, filename=filename)])
+                reply.update(status="error", messages=[_message(result, limits, filename)])
             elif isinstance(result, ml.Ok):
                 reply["value"] = result.value
                 reply["messages"] = [
@@ -549,11 +635,49 @@ def _canonical_heap() -> None:
     gc.unfreeze()
 
 
-def _message(exc: BaseException, *, frames: bool = True, filename: str = "") -> dict[str, Any]:
-    text = io.StringIO()
-    print_user_exception(exc, text, frames=frames)
-    line = exc.lineno if isinstance(exc, SyntaxError) else _line_of(exc, filename)
-    return {"severity": "error", "data": text.getvalue(), "line": line}
+def _message(
+    exc: BaseException | None,
+    limits: ServerLimits,
+    filename: str,
+    *,
+    frames: bool = True,
+    outcome: ml.CellOutcome | None = None,
+) -> dict[str, Any]:
+    """The error message of a step: its traceback (user frames only) or, for
+    an interrupt, where it stopped and why.  Formatting calls the step's own
+    code (``__str__`` of its exception): under the step's limits too."""
+
+    def describe() -> tuple[str, int | None]:
+        text = io.StringIO()
+        if outcome is not None:
+            print_interrupt(outcome, file=text)
+        elif exc is not None:
+            print_user_exception(exc, text, frames=frames)
+        line = exc.lineno if isinstance(exc, SyntaxError) else _line_of(exc, filename)
+        return _plain(text.getvalue()), line if _type(line) is _int else None
+
+    _outcome, result, _timed_out = _run_limited(describe, limits, None)
+    if isinstance(result, ml.Ok):
+        data, line = result.value
+    else:
+        name = _type(exc).__name__ if exc is not None else "Interrupted"
+        data, line = (
+            f"{name} (its message could not be shown: it reached a limit or raised)\n",
+            None,
+        )
+    return {"severity": "error", "data": data, "line": line}
+
+
+def _plain(text: str) -> str:
+    """``text`` as an exact ``str`` of at most :data:`OUTPUT_CAP` characters
+    (a ``__repr__`` may return a ``str`` subclass with methods of its own)."""
+    text = str.__str__(text)
+    if _len(text) > OUTPUT_CAP:
+        text = (
+            text[:OUTPUT_CAP]
+            + f"\n[memprof-limits serve: {_len(text) - OUTPUT_CAP} more characters not kept]\n"
+        )
+    return text
 
 
 def _line_of(exc: BaseException | None, filename: str) -> int | None:
@@ -591,8 +715,10 @@ def _pickle_state(state: _State, request: dict[str, Any]) -> dict[str, Any]:
                 continue
             try:
                 values[name] = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as e:
-                unpicklable[name] = f"{type(e).__name__}: {_clip(str(e), 200)}"
+            except ml.Interrupted:
+                raise  # a limit: the whole save stops
+            except BaseException as e:  # SystemExit from a __reduce__ is that name's failure
+                unpicklable[name] = _describe(e)
 
     outcome, result, timed_out = _run_limited(task, request["limits"], None)
     if outcome.interrupted:
@@ -603,12 +729,19 @@ def _pickle_state(state: _State, request: dict[str, Any]) -> dict[str, Any]:
     data = {"format": _PICKLE_FORMAT, "values": values, "modules": modules}
     path = request["path"]
     try:
+        # Written whole, then renamed over the path: a reader never sees half
+        # a file.  Only a regular file (or nothing) is replaced: not a device,
+        # a FIFO, a symbolic link.
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return {"status": "error", "error": f"cannot write {path!r}: not a regular file"}
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
             pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
-    except OSError as e:
-        return {"status": "error", "error": f"cannot write {path!r}: {e.strerror or e}"}
+    except (OSError, ValueError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return {"status": "error", "error": f"cannot write {path!r}: {cause}"}
     return {"status": "ok", "names": sorted([*values, *modules]), "unpicklable": unpicklable}
 
 
@@ -665,7 +798,8 @@ class _Env:
     id: int | None  # None: the root (the empty state)
     pid: int
     channel: socket.socket
-    parent: _Env | None  # the env whose fork this process is (None: the server's child)
+    parent: _Env | None  # the process that reaps this one (None: the server)
+    pgid: int = 0  # its process group (0: none of its own, the server's)
     alive: bool = True
 
 
@@ -678,16 +812,21 @@ class Server:
         self.discarded: set[int] = set()
         self.next_id = 0
         self.commands = 0
+        self.seed = seed
         _become_subreaper()
+        self.root = self.new_root()
+
+    def new_root(self) -> _Env:
+        """Fork the root process (the server runs no thread: a safe fork)."""
         ours, theirs = socket.socketpair()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             ours.close()
-            _start_root(theirs, seed)
+            _start_root(theirs, self.seed)
         theirs.close()
-        self.root = _Env(None, pid, ours, None)
+        return _Env(None, pid, ours, None)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -753,7 +892,7 @@ class Server:
         env = self.env(request.get("env"), optional=True)
         limits = self.limits.override(request.get("limits"))
         self.commands += 1
-        work = {"code": code, "filename": f"<cmd {self.commands}>", "limits": limits}
+        work = {"code": code, "filename": f"<cmd {self.commands}>", "limits": limits.to_json()}
         result = self.fork(env, "step", work, limits.timeout_s)
         fuel = result.get("fuel") or {}
         return {
@@ -779,7 +918,7 @@ class Server:
         if "env" not in request:
             raise RequestError('a "pickleTo" request needs the "env" to pickle')
         env = self.env(request["env"])
-        work = {"path": path, "limits": self.limits}
+        work = {"path": path, "limits": self.limits.to_json()}
         result = self.fork(env, "pickle", work, self.limits.timeout_s, keep=False)
         if result["status"] != "ok":
             return {"error": result.get("error") or _first_message(result)}
@@ -797,7 +936,7 @@ class Server:
                 f'"unpickleEnvFrom" must be a file path (a string), not {_json_type(path)}'
             )
         limits = self.limits.override(request.get("limits"))
-        work = {"path": path, "limits": limits}
+        work = {"path": path, "limits": limits.to_json()}
         result = self.fork(self.root, "unpickle", work, limits.timeout_s)
         if result["status"] != "ok":
             return {"error": result.get("error") or _first_message(result)}
@@ -828,12 +967,18 @@ class Server:
     ) -> dict[str, Any]:
         """Run ``op`` in a fork of ``env``; the result, with ``env`` set to
         the new env id (a successful step, ``keep``) or to ``env``'s."""
-        ours, theirs = socket.socketpair()
         start = time.monotonic()
-        try:
-            answer = self.ask(env, (op, work), [theirs.fileno()])
-        finally:
-            theirs.close()
+        for _attempt in range(2):
+            ours, theirs = socket.socketpair()
+            try:
+                answer = self.ask(env, (op, work), [theirs.fileno()])
+            finally:
+                theirs.close()
+            if answer is not None or env is not self.root:
+                break
+            ours.close()
+            # The root holds no state: a step that killed it gets a new one.
+            self.root = env = self.new_root()
         if answer is None:
             ours.close()
             raise RequestError(f"env {env.id} is gone: its process died or stopped answering")
@@ -847,7 +992,7 @@ class Server:
         result = self.wait_result(ours, deadline)
         elapsed = round(time.monotonic() - start, 6)
         if result == "late":
-            os.kill(pid, signal.SIGKILL)
+            _kill_group(pid)
             self.reap(env, pid)
             ours.close()
             return {
@@ -866,8 +1011,7 @@ class Server:
             }
         if result is None:
             # Dead, or alive with its channel closed (by the step): useless either way.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            _kill_group(pid)
             status = self.reap(env, pid)
             ours.close()
             return {
@@ -883,11 +1027,20 @@ class Server:
                 "wall_time_s": elapsed,
             }
         if result["status"] == "ok" and keep:
-            new = _Env(self.next_id, pid, ours, env)
-            self.envs[new.id] = new  # type: ignore[index]
+            # The env is a fork of the step's process (see _child), which exits:
+            # reparented to the server, in the step's process group.
+            self.reap(env, pid)
+            env_pid = result.pop("pid", None)
+            if _type(env_pid) is not _int:
+                ours.close()
+                _kill_group(pid)
+                return {"env": env.id, "status": "error", "error": "the step's reply was forged"}
+            new = _Env(self.next_id, env_pid, ours, None, pgid=pid)
+            self.envs[self.next_id] = new
             self.next_id += 1
             return {**result, "env": new.id}
         ours.close()
+        _kill_group(pid)  # what the step started and left running goes with it
         self.reap(env, pid)
         return {**result, "env": env.id}
 
@@ -900,15 +1053,18 @@ class Server:
             ready, _, _ = select.select([channel], [], [], wait)
             if not ready:
                 return "late"
-            try:
-                got = _recv(channel)
-            except OSError:
-                return None
+            try:  # (a step that stops in the middle of a message has this long to finish it)
+                got = _recv(channel, deadline or time.monotonic() + ANSWER_TIMEOUT_S)
+            except (OSError, _BadMessage):
+                return None  # a step that writes on its channel is killed as crashed
             if got is None:
                 return None
-            (what, result), _fds = got
-            if what == "result":
-                return result
+            message, _fds = got
+            if isinstance(message, list) and message[:1] == ["result"] and _len(message) == 2:
+                result = message[1]
+                if isinstance(result, dict) and result.get("status") in STATUSES:
+                    return result
+            return None
 
     def reap(self, parent: _Env, pid: int) -> int | None:
         """Wait for ``pid``, a child of ``parent`` (or of the server if that
@@ -917,9 +1073,9 @@ class Server:
             answer = self.ask(parent, ("wait", pid))
             if answer is not None:
                 return answer[1] if answer[0] == "waited" else None  # type: ignore[no-any-return]
-        try:  # a child of the server now (subreaper), or of init: reaped later, or by it
-            return os.waitpid(pid, os.WNOHANG)[1] or None
-        except ChildProcessError:
+        try:  # a child of the server now (subreaper; killed already by every caller)
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:  # not ours (yet): reap_orphans() will
             return None
 
     def ask(self, env: _Env, message: object, fds: Iterable[int] = ()) -> Any:
@@ -929,14 +1085,11 @@ class Server:
         too late, to the next question)."""
         try:
             _send(env.channel, message, fds)
-            ready, _, _ = select.select([env.channel], [], [], ANSWER_TIMEOUT_S)
-            got = _recv(env.channel) if ready else None
-            if not ready:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(env.pid, signal.SIGKILL)
-        except OSError:
+            got = _recv(env.channel, time.monotonic() + ANSWER_TIMEOUT_S)
+        except (OSError, _BadMessage):
+            _kill_env(env)
             got = None
-        if got is None:
+        if got is None or not (isinstance(got[0], list) and _len(got[0]) == 2):
             self.lost(env)
             return None
         return got[0]
@@ -957,8 +1110,7 @@ class Server:
             return
         env.alive = False
         env.channel.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(env.pid, signal.SIGKILL)
+        _kill_env(env)
         if env.parent is None:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(env.pid, 0)
@@ -977,24 +1129,61 @@ class Server:
                 return
 
     def close(self) -> None:
-        """Kill every process the server started, and reap them."""
+        """Kill every process the server started -- the envs, what their
+        steps left running -- and reap them."""
         for env in [*self.envs.values(), self.root]:
             if env.alive:
                 env.alive = False
-                try:
-                    os.kill(env.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 env.channel.close()
+                _kill_env(env)
         self.envs.clear()
-        # Orphans come to us (subreaper): wait for all of them.
-        while True:
+        # What is left comes to us (subreaper): kill and reap until nothing is.
+        # Never a blocking wait: a process not killed yet would block it.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for pid in _children():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             try:
-                os.waitpid(-1, 0)
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
             except ChildProcessError:
                 break
-            except InterruptedError:
-                continue
+            time.sleep(0.005)
+
+
+def _kill_env(env: _Env) -> None:
+    """SIGKILL an env's process and what its step left running (its group)."""
+    if env.pgid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(env.pgid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(env.pid, signal.SIGKILL)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group of ``pid`` (a step's or an env's: its own,
+    see _child), or ``pid`` alone if it has none yet.  Only for a pid that is
+    ours and not reaped yet (a zombie keeps its pid from being reused)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children() -> list[int]:
+    """The server's child processes (its envs' orphans included)."""
+    me, found = str(os.getpid()), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(") ", 1)[1].split()[1] == me:
+                        found.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return found
 
 
 def _first_message(result: dict[str, Any]) -> str:
@@ -1019,11 +1208,7 @@ def _describe_status(status: int | None) -> str:
 
 def _become_subreaper() -> None:
     """Orphaned env processes are reparented to the server (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):  # pragma: no cover - not Linux: init reaps them
-        pass
+    _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER (not Linux: init reaps them)
 
 
 def _start_root(channel: socket.socket, seed: int) -> NoReturn:
@@ -1040,6 +1225,11 @@ def _start_root(channel: socket.socket, seed: int) -> NoReturn:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.register_at_fork(after_in_child=_close_channel_in_child)
+        # Not the working directory on sys.path (python -m puts it there): a
+        # file written there changes what an import allocates (the import
+        # system lists the directory again), and so the same step's count.
+        cwd = os.getcwd()
+        sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)]
         ml.start(seed=seed)
         state = _State()
     except BaseException:
