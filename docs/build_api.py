@@ -46,7 +46,8 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ]),
     ("Rollback", "", ["Guarded", "RollbackReport"]),
     ("Cells", "The cell runner of the Jupyter kernel and the REPL.", [
-        "CellRunner", "Cell", "CellLimits", "CellOutcome", "BookkeepingFailure",
+        "CellRunner", "Cell", "CellLimits", "CellOutcome", "BookkeepingFailure", "UndoReport",
+        "AllocationCounter", "AllocationCount", "MAX_RUNS",
     ]),
     ("Engine", "The native sampler; it starts on first use.", [
         "start", "stop", "is_started", "sampling_rate", "allocated_bytes",

@@ -58,6 +58,12 @@ The solution
   ``MEMPROF_LIMITS`` / ``install --limits`` / ``default_limits`` apply over it
   (``memory=off`` removes it).
 - Every ``Session.send`` runs masked: a multipart ZMQ message is never cut.
+- ``%%count_allocations [N]`` (the core's ``AllocationCounter``): the cell
+  runs N times, each run through IPython's ``do_execute`` as any cell, the
+  first storing history and the others named after it (``CellCompiler``);
+  the reply is the last run's.  ``%undo`` (``CellRunner.undo``): a cell that
+  is ``%undo`` alone is recognised by its text and undone before it runs,
+  outside any task; ``%limits`` cells do not count as the last cell.
 - GIL switch interval: a busy cell holds the GIL and gives it up every 5 ms
   (Python's interval); the Control thread takes it a dozen times on its way
   to ``interrupt_request``.  Lowering the interval for the whole session
@@ -97,17 +103,19 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
+from ipykernel.compiler import XCachingCompiler
 from ipykernel.ipkernel import IPythonKernel
 from traitlets import Bool, Float, Type, Unicode, default
 
 import memprof_limits as ml
 from memprof_limits._defaults import start_limits
-from memprof_limits._rollback import describe_exception
+from memprof_limits._rollback import describe_exception, display_name
 
 from . import __version__
-from .magics import LimitsMagics, SessionSettings
+from .magics import FuelMagics, LimitsMagics, SessionSettings, cell_kind, split_cell_headers
 from .shell import MemprofLimitsShell, _rss_bytes
 
 __all__ = ["SUBSHELLS_REFUSED", "MemprofLimitsKernel"]
@@ -143,6 +151,21 @@ def _noop() -> None:
     pass
 
 
+class CellCompiler(XCachingCompiler):
+    """ipykernel's compiler, which names a cell after its number (``Cell
+    In[5]`` in tracebacks); while :attr:`number` is set, every cell is
+    named after it: the runs of a ``%%count_allocations`` cell after the
+    first (which alone stores history, so IPython numbers the others one
+    more) are ``In[5]`` too."""
+
+    number: int | None = None
+
+    def cache(self, transformed_code: str, number: int = 0, raw_code: str | None = None) -> str:
+        if self.number is not None:
+            number = self.number
+        return super().cache(transformed_code, number, raw_code)  # type: ignore[no-any-return]
+
+
 def _clear_stale_interrupts() -> None:
     """Drop interrupt reasons left pending on this thread by a task that has
     ended (a token set from another thread just as the task closed).
@@ -176,6 +199,7 @@ class MemprofLimitsKernel(IPythonKernel):
     implementation = "memprof_limits_kernel"
     implementation_version = __version__
     shell_class = Type(MemprofLimitsShell)
+    compiler_class = Type(CellCompiler)
 
     default_limits = Unicode(
         help="Limits of every cell at start, e.g. 'memory=2GiB allocations=500MB', over the "
@@ -239,6 +263,7 @@ class MemprofLimitsKernel(IPythonKernel):
         self.settings = SessionSettings(limits=limits, report=self.report, default=start.default)
         shell = self._shell()
         shell.register_magics(LimitsMagics(shell, self.settings))
+        shell.register_magics(FuelMagics(shell, self.settings))
         shell.interrupt_waiter = self._interrupt_waiter
         self._runner: ml.CellRunner | None = None
         self._runner_ns: object = None
@@ -337,8 +362,11 @@ class MemprofLimitsKernel(IPythonKernel):
             return True
         return isinstance(name, str) and name[:1] == "_" and _HISTORY_NAME.match(name) is not None
 
-    def _enter_cell(self, code: str) -> tuple[ml.Cell, ExitStack]:
-        """Open the cell of ``code``; the stack closes it (rollback, figures)."""
+    def _enter_cell(
+        self, code: str, *, undoable: bool = True, counter: ml.AllocationCounter | None = None
+    ) -> tuple[ml.Cell, ExitStack]:
+        """Open the cell of ``code`` (the next run of ``counter``, if
+        given); the stack closes it (rollback, figures)."""
         runner = self.runner
         shell = self._shell()
         stack = ExitStack()
@@ -346,7 +374,14 @@ class MemprofLimitsKernel(IPythonKernel):
             if self._interrupted_since_clear:
                 _clear_stale_interrupts()
                 self._interrupted_since_clear = False
-            cell = stack.enter_context(runner.cell(self.settings.cell_limits(code)))
+            limits = self.settings.cell_limits(code)
+            if counter is not None:
+                opening = counter.run()
+            elif undoable:
+                opening = runner.cell(limits)
+            else:
+                opening = runner.cell(limits, undoable=False)
+            cell = stack.enter_context(opening)
             self._cell = shell.current_cell = cell
         return cell, stack
 
@@ -363,15 +398,127 @@ class MemprofLimitsKernel(IPythonKernel):
     ) -> dict[str, Any]:
         """Run ``code`` as one cell; an interrupted cell is rolled back and
         replied as an error named after its cause.  Always returns a reply:
-        a failure of our own code becomes an error reply that names it."""
-        shell = self._shell()
+        a failure of our own code becomes an error reply that names it.
+
+        A cell that starts with ``%%count_allocations`` runs as the runs of
+        an :class:`memprof_limits.AllocationCounter`; a ``%undo`` cell undoes
+        before it runs (see ``magics.py``)."""
         self._reply_metadata = None
         warnings, self._startup_warnings = self._startup_warnings, []
         for warning in warnings:
             print(warning, file=sys.stderr, flush=True)
+        run = partial(
+            self._execute_cell,
+            code,
+            silent,
+            user_expressions=user_expressions,
+            allow_stdin=allow_stdin,
+            cell_meta=cell_meta,
+            cell_id=cell_id,
+        )
+        counter: ml.AllocationCounter | None = None
+        undoable = True
         try:
-            cell, stack = self._enter_cell(code)
+            counter = self._counter_for(code)
+            if counter is None:
+                kind = cell_kind(code)
+                undoable = kind is None
+                if kind == "undo":
+                    self.settings.pending_undo = self.runner.undo()  # outside any cell
+        except Exception as e:  # a bug of ours: run it as a plain cell, and say so
+            self.log.error("memprof-limits: cell plan: %s", describe_exception(e), exc_info=e)
+        try:
+            if counter is not None:
+                return await self._run_counted(counter, run, store_history, silent)
+            return await run(store_history=store_history, undoable=undoable)
+        finally:
+            self.settings.pending_undo = None
+            self._shell().usage_error = None
+
+    def _counter_for(self, code: str) -> ml.AllocationCounter | None:
+        """The counter of a cell that starts with ``%%count_allocations``
+        (with its ``%%limits`` if any), or ``None``: not such a cell, or a
+        bad header, which the shell reports as a ``UsageError`` (when the
+        counter itself refuses -- several runs with rollback off -- the
+        kernel hands its message to the shell)."""
+        headers, _body = split_cell_headers(code)
+        if "count_allocations" not in headers:
+            return None
+        try:
+            runs = ml.AllocationCounter.parse_runs(headers["count_allocations"])
+            limits = self.settings.cell_limits(code)
+            if "limits" in headers:
+                ml.CellLimits.parse(headers["limits"])
+        except Exception:  # reported by the shell's transform_cell
+            return None
+        try:
+            return ml.AllocationCounter(self.runner, runs, limits)
+        except Exception as e:
+            self._shell().usage_error = f"%%count_allocations: {display_name(e)}"
+            return None
+
+    async def _run_counted(
+        self,
+        counter: ml.AllocationCounter,
+        run: Callable[..., Any],
+        store_history: bool,
+        silent: bool,
+    ) -> dict[str, Any]:
+        """The runs of a ``%%count_allocations`` cell, each a cell of the
+        runner run as the kernel runs a cell; then the report (stdout, or
+        stderr if the count stopped) and its figures in the metadata
+        (``"count_allocations"``).  Only the first run stores history; the
+        reply is the last run's."""
+        shell = self._shell()
+        compiler = shell.compile if isinstance(shell.compile, CellCompiler) else None
+        reply: dict[str, Any] = {}
+        try:
+            while not counter.finished:
+                first = counter.run_number == 1
+                before = counter.run_number
+                if not first and compiler is not None and store_history:
+                    compiler.number = shell.execution_count - 1
+                try:
+                    reply = await run(store_history=store_history and first, counter=counter)
+                finally:
+                    if compiler is not None:
+                        compiler.number = None
+                if counter.run_number == before and not counter.finished:
+                    break  # the run could not be made (a bug, said on stderr): stop
+        finally:
+            counter.close()
+        count = counter.report
+        try:
+            if not silent:
+                stream = sys.stdout if count.complete else sys.stderr
+                print(count.describe(), file=stream, flush=True)
+            if self._reply_metadata is not None:
+                self._reply_metadata["count_allocations"] = count.metadata()
+        except Exception as e:  # the reply matters more than the report
+            self.log.error("memprof-limits: count report: %s", describe_exception(e), exc_info=e)
+        return reply
+
+    async def _execute_cell(
+        self,
+        code: str,
+        silent: bool,
+        *,
+        store_history: bool,
+        user_expressions: dict[str, str] | None,
+        allow_stdin: bool,
+        cell_meta: dict[str, Any] | None,
+        cell_id: str | None,
+        undoable: bool = True,
+        counter: ml.AllocationCounter | None = None,
+    ) -> dict[str, Any]:
+        """One cell (or one run of ``counter``) through IPython's
+        ``do_execute``, and its reply."""
+        shell = self._shell()
+        try:
+            cell, stack = self._enter_cell(code, undoable=undoable, counter=counter)
         except Exception as e:  # a bug: run the cell as stock IPython does, and say so
+            if counter is not None:
+                counter.close()
             self._cell = shell.current_cell = None
             problem = f"cell setup: {describe_exception(e)}"
             self.log.error("memprof-limits: %s", problem, exc_info=e)
@@ -400,6 +547,8 @@ class MemprofLimitsKernel(IPythonKernel):
                 cell_meta=cell_meta,
                 cell_id=cell_id,
             )
+            if counter is not None and reply.get("status") != "ok" and not cell.outcome.interrupted:
+                counter.raised()  # IPython showed the exception: the count stops here
         finally:
             self._cell = shell.current_cell = None
             closing: Exception | None = None
@@ -565,6 +714,9 @@ class MemprofLimitsKernel(IPythonKernel):
     def _sigint_token(self) -> ml.Token | None:
         """For ``sigint_sets``: the running cell's token (and wake an await)."""
         self._interrupted_since_clear = True  # main thread: no lock needed (or possible)
+        runner = self._runner
+        if runner is not None:
+            runner.interrupt()  # the running cell, or the next run of a count
         cell = self._cell
         if cell is None:
             return None

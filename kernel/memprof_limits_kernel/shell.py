@@ -106,7 +106,7 @@ from traitlets import Type, validate
 import memprof_limits as ml
 from memprof_limits._rollback import describe_exception, display_name
 
-from .magics import split_cell_limits
+from .magics import UNDO_ALONE, misplaced_undo, split_cell_headers
 
 __all__ = [
     "OTHER_LOOPS_REFUSED",
@@ -288,6 +288,10 @@ class MemprofLimitsShell(ZMQInteractiveShell):
         #: returns a future that an interrupt completes (set by the kernel).
         self.interrupt_waiter: Callable[[], asyncio.Future[None]] | None = None
         self._depth = 0  # > 0 while a task of the current cell runs
+        #: Set by the kernel for the duration of a cell: the cell fails with
+        #: this ``UsageError`` before it runs (a ``%%count_allocations`` the
+        #: kernel refused).  Not cleared here: IPython transforms a cell twice.
+        self.usage_error: str | None = None
         self._interrupt_frames: list[str] = []
         self._interrupt_rss: int | None = None
 
@@ -320,22 +324,39 @@ class MemprofLimitsShell(ZMQInteractiveShell):
             raise UsageError(message)
         return runner
 
-    # -- %%limits, transformers ----------------------------------------------------
+    # -- %%limits, %%count_allocations, transformers -----------------------------
 
     def transform_cell(self, raw_cell: str) -> str:
-        """Drop a leading ``%%limits`` line (the kernel reads it before the
-        cell runs); a bad specification is a ``UsageError`` before execution.
-        In a cell, the input transformers run as a task of the cell: an
-        interrupt stops them and nothing of the cell runs."""
-        spec, body = split_cell_limits(raw_cell)
-        if spec is not None:
+        """Drop the leading ``%%limits`` and ``%%count_allocations`` lines
+        (the kernel reads them before the cell runs); a bad specification is
+        a ``UsageError`` before execution, and so are the kernel's
+        :attr:`usage_error` and a ``%undo`` line among other code (a
+        ``%undo`` cell is undone by the kernel before it runs: see
+        ``magics.py``).  ``%%count_allocations`` is read only in a cell
+        of the kernel (not in ``run_cell`` called by user code, where its
+        magic refuses to run).  In a cell, the input transformers run as a
+        task of the cell: an interrupt stops them and nothing of the cell
+        runs."""
+        top = self.current_cell is not None and self._depth == 0
+        headers, body = (
+            split_cell_headers(raw_cell) if top else split_cell_headers(raw_cell, ("limits",))
+        )
+        if top and self.usage_error is not None:
+            raise UsageError(self.usage_error)
+        if top and misplaced_undo(raw_cell):
+            raise UsageError(UNDO_ALONE)
+        for name, spec in headers.items():
             try:
-                ml.CellLimits.parse(spec)
+                if name == "limits":
+                    ml.CellLimits.parse(spec)
+                else:
+                    ml.AllocationCounter.parse_runs(spec)
             except Exception as e:  # ValueError; anything else is reported the same
-                raise UsageError(f"%%limits: {display_name(e)}") from None
-            if not body.lstrip().startswith("%%"):
-                # Keep line numbers: comment the line out instead of removing it.
-                body = "# %%limits " + spec + "\n" + body
+                raise UsageError(f"%%{name}: {display_name(e)}") from None
+        if headers and not body.lstrip().startswith("%%"):
+            # Keep line numbers: comment the lines out instead of removing them.
+            lines = [f"# %%{name} {spec}".rstrip() + "\n" for name, spec in headers.items()]
+            body = "".join(lines) + body
         transform = partial(ZMQInteractiveShell.transform_cell, self, body)
         result = self._around_cell("input transformers", transform)
         return "" if result is None else result  # type: ignore[no-any-return]

@@ -59,6 +59,14 @@ whose ``__snapshot__`` or ``__restore__`` raises, an unprintable namespace
 key) are printed on stderr after the cell, or in its interrupt line; a bad
 ``%limits`` size, or any failure of a ``%`` command, is an error message and
 the session goes on.
+
+``%%count_allocations`` and ``%undo``
+-------------------------------------
+Both are the core's (:class:`memprof_limits.AllocationCounter`,
+:meth:`memprof_limits.CellRunner.undo`), as in the kernel: a counted cell is
+compiled once and run as the runs of a counter, each run exactly as a cell
+runs (same Ctrl+C, same report of an interrupt or an exception); ``%undo`` is
+a command, and commands are not cells (they do not become "the last cell").
 """
 
 from __future__ import annotations
@@ -86,7 +94,14 @@ from ._errors import (
     print_user_exception,
     system_exit_status,
 )
-from ._source import CellCompiler, CompiledCell, check_complete, iter_cells
+from ._source import (
+    CellCompiler,
+    CompiledCell,
+    check_complete,
+    execute_compiled,
+    iter_cells,
+    remember_source,
+)
 
 __all__ = ["COMMANDS", "PROMPT", "PROMPT_CONTINUATION", "CellReport", "Session"]
 
@@ -98,6 +113,11 @@ CellStatus = Literal["ok", "error", "interrupted", "command", "empty"]
 COMMANDS: dict[str, str] = {
     "%limits": "%limits [memory=SIZE] [allocations=SIZE] | off   show or set the session limits",
     "%%limits": "%%limits SPEC   (first line of a cell) limits for this cell only",
+    "%%count_allocations": "%%count_allocations [N]   (first line of a cell) run it N times"
+    " (1-100, default 1) from the same state without an allocation limit; show what it"
+    " allocated and a limit to paste",
+    "%undo": "%undo   put the names and Guarded values back as they were before the last cell"
+    " (once)",
     "%rollback": "%rollback [on|off]   show or set rollback of the namespace on interrupt",
     "%last": "%last   allocations, peak memory and time of the last cell",
     "%memprof": "%memprof [-n TOP] [-r RATE] STATEMENT   run STATEMENT as a cell under the"
@@ -185,6 +205,7 @@ class Session:
             "rollback": self._cmd_rollback,
             "last": self._cmd_last,
             "memprof": self._cmd_memprof,
+            "undo": self._cmd_undo,
             "help": self._cmd_help,
         }
 
@@ -192,7 +213,8 @@ class Session:
 
     def run_cell(self, source: str) -> CellReport:
         """Run one cell: Python source, a ``%`` command, or a cell that starts
-        with a ``%%limits`` line.
+        with header lines: ``%%limits SPEC`` and ``%%count_allocations [N]``
+        (each at most once, in either order).
 
         An exception is printed as a traceback of the user's frames; an
         interrupted cell prints where it was stopped and the cell runner's
@@ -204,38 +226,82 @@ class Session:
         if not stripped:
             return CellReport("empty")
         limits: ml.CellLimits | None = None
-        header = None
+        runs: int | None = None
+        headers: list[str] = []
+        seen: set[str] = set()
         if stripped.startswith("%%"):
-            header, _, text = stripped.partition("\n")
-            name, _, spec = header[2:].partition(" ")
-            if name != "limits":
-                return self._command_error(f"unknown cell command %%{name}; try %help")
-            try:
-                limits = ml.CellLimits.parse(spec, self.runner.limits)
-            except Exception as e:  # ValueError; anything else is reported the same
-                return self._command_error(f"%%limits: {display_name(e)}")
+            text = stripped
+            while text.lstrip(" \t").startswith("%%"):
+                header, _, text = text.lstrip(" \t").partition("\n")
+                name, _, spec = header[2:].partition(" ")
+                if name in seen:
+                    return self._command_error(f"%%{name}: given twice at the top of the cell")
+                seen.add(name)
+                if name == "limits":
+                    try:
+                        limits = ml.CellLimits.parse(spec, self.runner.limits)
+                    except Exception as e:  # ValueError; anything else is reported the same
+                        return self._command_error(f"%%limits: {display_name(e)}")
+                elif name == "count_allocations":
+                    try:
+                        runs = ml.AllocationCounter.parse_runs(spec)
+                    except ValueError as e:
+                        return self._command_error(f"%%count_allocations: {display_name(e)}")
+                else:
+                    return self._command_error(f"unknown cell command %%{name}; try %help")
+                headers.append(header)
         elif stripped.startswith("%"):
             return self._run_command(stripped)
         text = textwrap.dedent(text)
         self.cells_run += 1
         filename = f"<cell {self.cells_run}>"
-        if header is not None:
-            # Line numbers as the user sees them: the header is line 1.
-            _remember_source(filename, f"{header}\n{text}")
-            text = "\n" + text
+        if headers:
+            # Line numbers as the user sees them: the headers are lines 1, 2.
+            remember_source(filename, "\n".join([*headers, text]))
+            text = "\n" * len(headers) + text
         else:
-            _remember_source(filename, text)
+            remember_source(filename, text)
         try:
             compiled = self.compiler.compile(text, filename)
         except (SyntaxError, ValueError, OverflowError) as e:
             print_user_exception(e, frames=False)
             return CellReport("error", exception=e)
+        if runs is not None:
+            return self._run_counted(compiled, limits, runs)
         return self._run_compiled(compiled, limits)
 
-    def _run_compiled(self, compiled: CompiledCell, limits: ml.CellLimits | None) -> CellReport:
-        self.last_cell_number = self.cells_run
+    def _run_counted(
+        self, compiled: CompiledCell, limits: ml.CellLimits | None, runs: int
+    ) -> CellReport:
+        """``%%count_allocations``: the runs of a
+        :class:`memprof_limits.AllocationCounter`, each run as a cell is;
+        then its report (stdout; stderr when a run stopped the count).  The
+        report of the last run made is returned."""
         try:
-            with self.runner.cell(limits) as cell:
+            counter = ml.AllocationCounter(self.runner, runs, limits)
+        except ValueError as e:  # several runs with rollback off
+            return self._command_error(f"%%count_allocations: {display_name(e)}")
+        report = CellReport("empty")
+        try:
+            while not counter.finished:
+                report = self._run_compiled(compiled, limits, counter)
+        finally:
+            counter.close()
+        count = counter.report
+        sys.stdout.flush()
+        print(count.describe(), file=sys.stdout if count.complete else sys.stderr, flush=True)
+        return report
+
+    def _run_compiled(
+        self,
+        compiled: CompiledCell,
+        limits: ml.CellLimits | None,
+        counter: ml.AllocationCounter | None = None,
+    ) -> CellReport:
+        self.last_cell_number = self.cells_run
+        opening = counter.run() if counter is not None else self.runner.cell(limits)
+        try:
+            with opening as cell:
                 if self._sigint_before_cell:
                     self._sigint_before_cell = False
                     cell.token.set()
@@ -278,15 +344,8 @@ class Session:
     def _execute(self, compiled: CompiledCell) -> str | None:
         """The cell's task: run the statements, format the final expression
         (its ``repr`` is user code: limited); the caller prints it."""
-        namespace = self.namespace
-        if compiled.body is not None:
-            exec(compiled.body, namespace)
-        if compiled.last_expression is not None:
-            value = eval(compiled.last_expression, namespace)
-            if compiled.display and value is not None:
-                namespace["_"] = value
-                return repr(value)
-        return None
+        value = execute_compiled(compiled, self.namespace)
+        return None if value is None else repr(value)
 
     # -- SIGINT ----------------------------------------------------------------
 
@@ -490,6 +549,16 @@ class Session:
             print(mine.format_top(limit=top))
         return report.status
 
+    def _cmd_undo(self, arg: str) -> CellStatus:
+        """``%undo``: the namespace and the ``Guarded`` values as they were
+        before the last cell (``CellRunner.undo``: one level; nothing after an
+        interrupted cell, which was rolled back already)."""
+        if arg:
+            print("%undo: takes no argument (it undoes the last cell, once)", file=sys.stderr)
+            return "error"
+        print(self.runner.undo().describe())
+        return "command"
+
     def _cmd_help(self, arg: str) -> CellStatus:
         print("Commands:")
         for text in COMMANDS.values():
@@ -530,14 +599,6 @@ def _parse_memprof(arg: str) -> tuple[int, float | None, str]:
     if not arg.strip():
         raise ValueError("no statement to profile")
     return top, rate, arg.strip()
-
-
-def _remember_source(filename: str, source: str) -> None:
-    """Let tracebacks and ``inspect.getsource`` show the cell's lines."""
-    import linecache
-
-    lines = [line + "\n" for line in source.splitlines()]
-    linecache.cache[filename] = (len(source), None, lines, filename)
 
 
 def _input(prompt: str) -> str:

@@ -16,6 +16,10 @@ from ._cells import Cell as Cell
 from ._cells import CellLimits as CellLimits
 from ._cells import CellOutcome as CellOutcome
 from ._cells import CellRunner as CellRunner
+from ._cells import UndoReport as UndoReport
+from ._counting import MAX_RUNS as MAX_RUNS
+from ._counting import AllocationCount as AllocationCount
+from ._counting import AllocationCounter as AllocationCounter
 from ._defaults import DefaultMemoryLimit as DefaultMemoryLimit
 from ._defaults import default_memory_limit as default_memory_limit
 from ._engine import allocated_bytes as allocated_bytes
@@ -52,6 +56,8 @@ from ._units import format_bytes as format_bytes
 from ._units import parse_bytes as parse_bytes
 
 __all__ = [  # noqa: RUF022 - plain sorted() order (tests/core/test_exports.py)
+    "AllocationCount",
+    "AllocationCounter",
     "AllocationLimitExceeded",
     "BookkeepingFailure",
     "Cancelled",
@@ -65,12 +71,14 @@ __all__ = [  # noqa: RUF022 - plain sorted() order (tests/core/test_exports.py)
     "Interrupted",
     "LimitScope",
     "MAX_BYTES",
+    "MAX_RUNS",
     "MemoryLimitExceeded",
     "Ok",
     "PoisonedError",
     "RollbackReport",
     "SafeMutex",
     "Token",
+    "UndoReport",
     "allocated_bytes",
     "default_memory_limit",
     "format_bytes",

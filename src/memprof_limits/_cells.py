@@ -27,6 +27,12 @@ Two rules the front ends rely on (issue 12):
   and interruptible, and their interruption is only noted
   (:attr:`CellOutcome.interrupted_after_completion`).
 
+The checkpoint of a cell serves twice more: :meth:`CellRunner.undo` rolls
+back to the checkpoint of the last cell that ended (``%undo``: kept until the
+next cell starts), and :meth:`Cell.discard` rolls a cell that ended back to
+its own (the runs of ``%%count_allocations`` but the last, see
+``_counting.py``).
+
 >>> import memprof_limits as ml
 >>> ns = {"x": 1}
 >>> runner = ml.CellRunner(ns, limits=ml.CellLimits(allocations=10**6))
@@ -39,13 +45,15 @@ Two rules the front ends rely on (issue 12):
 from __future__ import annotations
 
 import builtins
+import gc
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import _sampler
 from ._exceptions import Interrupted, Reason
@@ -62,7 +70,18 @@ from ._scope import (
 from ._token import Token
 from ._units import format_bytes, parse_bytes
 
-__all__ = ["BookkeepingFailure", "Cell", "CellLimits", "CellOutcome", "CellRunner", "parse_size"]
+if TYPE_CHECKING:
+    from ._counting import AllocationCounter
+
+__all__ = [
+    "BookkeepingFailure",
+    "Cell",
+    "CellLimits",
+    "CellOutcome",
+    "CellRunner",
+    "UndoReport",
+    "parse_size",
+]
 
 T = TypeVar("T")
 
@@ -272,6 +291,53 @@ class CellOutcome:
         }
 
 
+#: Why :meth:`CellRunner.undo` has nothing to undo.
+_NOTHING_RUN = "no cell has run yet"
+_LAST_INTERRUPTED = "the last cell was interrupted, and its changes were rolled back already"
+_LAST_DISCARDED = "the last cell's changes were rolled back already"
+_LAST_UNDONE = "%undo goes back one cell only, and the last cell was undone already"
+_LAST_UNFINISHED = "the last cell could not start"
+_NO_ROLLBACK = "rollback was off during the last cell: no checkpoint was kept"
+_RUNNING = "a cell is running"
+#: What an undo does not restore (the limitation of rollback).
+_UNDO_NOTE = "(names and Guarded values only: objects the cell changed in place stay changed)"
+
+
+@dataclass(frozen=True)
+class UndoReport:
+    """What :meth:`CellRunner.undo` did: ``undone`` and what was rolled back
+    (``rollback``, and the bookkeeping ``failures`` of user ``__restore__``
+    methods), or ``reason``, why there was nothing to undo.
+
+    >>> import memprof_limits as ml
+    >>> ns = {}
+    >>> runner = ml.CellRunner(ns)
+    >>> print(runner.undo().describe())
+    nothing to undo: no cell has run yet
+    >>> with runner.cell() as cell:
+    ...     _ = cell.run(lambda: exec("x = 1", ns))
+    >>> print(runner.undo().describe())
+    undid the last cell: rolled back: x (added)
+    (names and Guarded values only: objects the cell changed in place stay changed)
+    >>> "x" in ns, runner.undo().reason
+    (False, '%undo goes back one cell only, and the last cell was undone already')
+    """
+
+    undone: bool
+    rollback: RollbackReport | None = None
+    reason: str | None = None
+    failures: tuple[BookkeepingFailure, ...] = ()
+
+    def describe(self) -> str:
+        """``undid the last cell: rolled back: x (changed)`` and a line that
+        says what is not restored, or ``nothing to undo: REASON``."""
+        if not self.undone:
+            return f"nothing to undo: {self.reason}"
+        parts = [self.rollback.describe() if self.rollback is not None else "nothing to roll back"]
+        parts += [f.describe() for f in self.failures]
+        return "undid the last cell: " + "; ".join(parts) + "\n" + _UNDO_NOTE
+
+
 class Cell:
     """One cell being run; see :meth:`CellRunner.cell`."""
 
@@ -282,11 +348,27 @@ class Cell:
         self._runner = runner
         self._allocated = 0
         self._completed = False
+        self._discard = False
 
     @property
     def completed(self) -> bool:
         """Whether :meth:`complete` was called on a cell not interrupted."""
         return self._completed
+
+    @property
+    def discarded(self) -> bool:
+        """Whether :meth:`discard` was called."""
+        return self._discard
+
+    def discard(self) -> None:
+        """Roll this cell's changes back when it ends, though it was not
+        interrupted: the namespace and the tracked :class:`Guarded` values
+        return to the cell's checkpoint (``outcome.rollback`` says what was
+        undone), as for an interrupted cell, and the cell is not the one
+        :meth:`CellRunner.undo` undoes.  :class:`AllocationCounter` discards
+        every run but the last.  Nothing is rolled back when the runner's
+        ``rollback`` is off (there is no checkpoint)."""
+        self._discard = True
 
     def complete(self) -> None:
         """The cell's user code has ended (successfully or with an ordinary
@@ -366,6 +448,12 @@ class CellRunner:
             when a cell is interrupted.
         exclude: names of the namespace that are never rolled back (history
             variables of IPython, say).
+
+    After a cell that was not interrupted (it ended normally or raised), the
+    runner keeps its checkpoint until the next cell starts, for
+    :meth:`undo`: the objects that cell rebound or deleted stay alive until
+    then (dropped before the next cell's checkpoint, so a cell's peak memory
+    is what it is without undo).
     """
 
     def __init__(
@@ -387,6 +475,14 @@ class CellRunner:
         )
         self._current: Cell | None = None
         self._lock = threading.Lock()
+        #: Checkpoints taken before the last cell, for undo() (None: nothing
+        #: to undo).  The guards are held weakly: a Guarded that nothing else
+        #: holds any more (not even the namespace's checkpoint) has nothing to
+        #: restore, and undo must not keep it alive (nor tracked).
+        self._undo: list[tuple[weakref.ref[Guarded[Any]], Any]] | None = None
+        self._undo_reason = _NOTHING_RUN
+        #: The AllocationCounter whose runs are being made, if any.
+        self._counter: AllocationCounter | None = None
 
     @property
     def running(self) -> bool:
@@ -395,22 +491,70 @@ class CellRunner:
 
     def interrupt(self) -> bool:
         """Interrupt the running cell (set its token).  Safe from any thread
-        and from signal handlers; never affects a later cell.  Returns whether
-        a cell was running."""
+        and from signal handlers; never affects a later cell -- except the
+        next run of an :class:`AllocationCounter` being made: its runs are one
+        cell to the user, so an interrupt between two runs interrupts the
+        next one.  Returns whether a cell (or a count) was running."""
+        counter = self._counter
+        if counter is not None:
+            counter._interrupt_requested = True
         cell = self._current
         if cell is None:
-            return False
+            return counter is not None
         cell.token.set()
         return True
 
+    def undo(self) -> UndoReport:
+        """Roll the namespace and the tracked :class:`Guarded` values back to
+        their state before the last cell, if that cell ended (normally or
+        with an exception) and was not undone already.
+
+        One level: a second call has nothing to undo.  An interrupted cell was
+        rolled back when it ended, so after one there is nothing to undo
+        either.  As for a rollback, only bindings and ``Guarded`` values are
+        restored, not objects changed in place.  Never raises: a
+        ``__restore__`` that fails is reported in ``failures`` and the rest
+        is still restored.  Call it between cells (while a cell runs it does
+        nothing).
+        """
+        if self._current is not None:
+            return UndoReport(False, reason=_RUNNING)
+        kept, self._undo = self._undo, None
+        if kept is None:
+            return UndoReport(False, reason=self._undo_reason)
+        self._undo_reason = _LAST_UNDONE
+        checkpoints = [(guard, cp) for ref, cp in kept if (guard := ref()) is not None]
+        failures: list[BookkeepingFailure] = []
+        report = self._rollback(checkpoints, failures)
+        return UndoReport(True, report, failures=tuple(failures))
+
     @contextmanager
-    def cell(self, limits: CellLimits | None = None) -> Iterator[Cell]:
+    def cell(
+        self, limits: CellLimits | None = None, *, undoable: bool = True, collect: bool = False
+    ) -> Iterator[Cell]:
         """Run one cell: ``with runner.cell() as cell: cell.run(fn)``.
 
         ``limits`` overrides the session limits for this cell.  After the
         block, ``cell.outcome`` (also ``runner.last``) says what happened.
+
+        ``undoable=False`` is for a cell that only changes a front end's
+        settings (``%limits``) or undoes (``%undo``): :meth:`undo` then
+        still undoes the cell before it.  ``collect=True`` runs a full
+        garbage collection before the cell (after what the previous cell
+        left for :meth:`undo` is freed), which empties CPython's free lists:
+        :class:`AllocationCounter` starts every run so.
         """
         limits = limits or self.limits
+        if undoable:
+            # What the previous cell rebound or deleted is freed here, before
+            # this cell's checkpoint: undo costs no memory during a cell.
+            self._undo = None
+            self._undo_reason = _LAST_UNFINISHED
+        if collect:
+            try:
+                gc.collect()  # finalizers' errors are unraisable; this is belt and braces
+            except Exception:
+                pass
         cell = Cell(self, limits)
         outcome = cell.outcome
         if self._ns is not None and "__builtins__" not in self._ns:
@@ -452,9 +596,11 @@ class CellRunner:
                 outcome.failures.append(
                     BookkeepingFailure("figures", "the cell's figures", describe_exception(e))
                 )
+            if (outcome.interrupted or cell._discard) and checkpoints:
+                outcome.rollback = self._rollback(checkpoints, outcome.failures)
+            if undoable:
+                self._keep_for_undo(cell, checkpoints)
             if outcome.interrupted:
-                if checkpoints:
-                    outcome.rollback = self._rollback(checkpoints, outcome)
                 if outcome.reason == "memory":
                     # From the cell's peak: the interrupted frames freed most
                     # of it as they unwound, before we get here.
@@ -486,23 +632,33 @@ class CellRunner:
                 )
         return checkpoints
 
+    def _keep_for_undo(self, cell: Cell, checkpoints: list[tuple[Guarded[Any], Any]]) -> None:
+        """After an undoable cell: keep its checkpoints for :meth:`undo`, or
+        say why there is nothing to undo."""
+        if cell.outcome.interrupted:
+            self._undo_reason = _LAST_INTERRUPTED
+        elif cell._discard:
+            self._undo_reason = _LAST_DISCARDED
+        elif not self.rollback:
+            self._undo_reason = _NO_ROLLBACK
+        else:
+            self._undo = [(weakref.ref(guard), checkpoint) for guard, checkpoint in checkpoints]
+
     def _rollback(
-        self, checkpoints: list[tuple[Guarded[Any], Any]], outcome: CellOutcome
+        self, checkpoints: list[tuple[Guarded[Any], Any]], failures: list[BookkeepingFailure]
     ) -> RollbackReport:
-        """Roll every value back on its own: one that fails is reported and
-        the others are still rolled back."""
+        """Roll every value back on its own: one that fails is reported (in
+        ``failures``) and the others are still rolled back."""
         report = RollbackReport()
         for guard, checkpoint in checkpoints:
             try:
                 part = guard.rollback(checkpoint)
             except BaseException as e:  # user code: SystemExit, KeyboardInterrupt too
                 error = f"{guard.restore_method(checkpoint)} raised {describe_exception(e)}"
-                outcome.failures.append(BookkeepingFailure("rollback", self._culprit(guard), error))
+                failures.append(BookkeepingFailure("rollback", self._culprit(guard), error))
                 continue
             for failed in part.failed:
-                outcome.failures.append(
-                    BookkeepingFailure("rollback", self._culprit(guard), failed)
-                )
+                failures.append(BookkeepingFailure("rollback", self._culprit(guard), failed))
             report = report.merge(replace(part, failed=()))
         return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -256,6 +257,10 @@ def test_unprintable_guarded_names_and_exceptions_are_reported() -> None:
 
     with pytest.raises(TypeError, match="name: expected a str"):
         ml.Guarded([], name=_Unprintable())  # type: ignore[arg-type]
+    # The runner of an earlier test, in a reference cycle (its last outcome's
+    # traceback holds its frames), keeps the namespace of its last cell for
+    # undo(), and with it the tracked Guarded values bound there: collect it.
+    gc.collect()
     bad = ml.Guarded(Restore())
     outcome = _interrupted_cell(ml.CellRunner({}), "while True: pass", {})
     assert [f.describe() for f in outcome.failures] == [
@@ -351,3 +356,137 @@ def test_builtins_added_by_exec_are_not_the_cells_doing() -> None:
     with runner.cell() as cell:
         assert cell.run(lambda: exec("y = len('ab')", ns)) == ml.Ok(None)
     assert ns["y"] == 2
+
+
+# -- undo: back to the state before the last cell ---------------------------------------------
+
+
+def _run(runner: ml.CellRunner, code: str, ns: dict[str, object], **kwargs: object) -> ml.Cell:
+    with runner.cell(**kwargs) as cell:  # type: ignore[arg-type]
+        cell.run(lambda: exec(code, ns))
+    return cell
+
+
+def test_undo_at_start_has_nothing_to_undo() -> None:
+    report = ml.CellRunner({}).undo()
+    assert not report.undone and report.rollback is None
+    assert report.describe() == "nothing to undo: no cell has run yet"
+
+
+def test_undo_restores_what_the_last_cell_added_rebound_and_deleted() -> None:
+    guarded = ml.Guarded([1], name="guarded")
+    plain: list[int] = []
+    ns: dict[str, object] = {"x": 1, "gone": "back", "guarded": guarded, "plain": plain}
+    runner = ml.CellRunner(ns)
+    _run(runner, "x = 2\nnew = 3\ndel gone", ns)
+    _run(runner, "x = 4\nguarded.value.append(2)\nplain.append(2)\ndel new", ns)
+    report = runner.undo()
+    assert report.undone and report.rollback is not None
+    assert ns["x"] == 2 and ns["new"] == 3 and "gone" not in ns  # only the last cell
+    assert guarded.value == [1]
+    assert plain == [2]  # changed in place, not Guarded: the documented limit
+    text = report.describe()
+    assert text.splitlines() == [
+        "undid the last cell: rolled back: x (changed), new (deleted), guarded (restored)",
+        "(names and Guarded values only: objects the cell changed in place stay changed)",
+    ], text
+    # One level: a second undo has nothing to undo, and says why.
+    again = runner.undo()
+    assert not again.undone and ns["x"] == 2
+    assert again.describe() == (
+        "nothing to undo: %undo goes back one cell only, and the last cell was undone already"
+    )
+
+
+def test_undo_after_a_cell_that_raised_undoes_what_it_did_before_raising() -> None:
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    with pytest.raises(ZeroDivisionError):
+        _run(runner, "x = 2\ny = 1 / 0", ns)
+    assert ns["x"] == 2
+    assert runner.undo().undone and ns["x"] == 1
+
+
+def test_undo_after_an_interrupted_cell_has_nothing_to_undo() -> None:
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    _run(runner, "x = 2", ns)
+    _interrupted_cell(runner, "x = 3\nwhile True: pass", ns)
+    assert ns["x"] == 2  # rolled back already
+    report = runner.undo()
+    assert not report.undone and ns["x"] == 2
+    assert report.reason == (
+        "the last cell was interrupted, and its changes were rolled back already"
+    )
+
+
+def test_cells_that_are_not_undoable_leave_the_last_cell_to_undo() -> None:
+    # The kernel's %limits cells, and %undo itself.
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    _run(runner, "x = 2", ns)
+    _run(runner, "pass", ns, undoable=False)
+    assert runner.undo().undone and ns["x"] == 1
+    _run(runner, "pass", ns, undoable=False)
+    assert not runner.undo().undone  # undone already
+
+
+def test_undo_with_rollback_off_has_nothing_to_undo() -> None:
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns, rollback=False)
+    _run(runner, "x = 2", ns)
+    report = runner.undo()
+    assert not report.undone and ns["x"] == 2
+    assert report.reason == "rollback was off during the last cell: no checkpoint was kept"
+
+
+def test_undo_during_a_cell_does_nothing() -> None:
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    _run(runner, "x = 2", ns)
+    with runner.cell():
+        report = runner.undo()
+    assert not report.undone and report.reason == "a cell is running"
+
+
+def test_what_the_last_cell_dropped_lives_until_the_next_cell_starts() -> None:
+    import weakref
+
+    class Big:
+        pass
+
+    ns: dict[str, object] = {"big": Big()}
+    ref = weakref.ref(ns["big"])
+    runner = ml.CellRunner(ns)
+    _run(runner, "del big", ns)
+    assert ref() is not None  # kept for undo
+    with runner.cell() as cell:
+        # Freed as the next cell starts, before its checkpoint: the cell's
+        # peak memory is what it is without undo.
+        assert cell.run(lambda: ref() is None) == ml.Ok(True)
+
+
+def test_undo_reports_a_restore_that_fails_and_restores_the_rest() -> None:
+    bad = ml.Guarded(_BadRestore(), name="bad")
+    ns: dict[str, object] = {"x": 1, "bad": bad}
+    runner = ml.CellRunner(ns)
+    _run(runner, "x = 2\nbad.value.n = 5", ns)
+    report = runner.undo()
+    assert report.undone and ns["x"] == 1
+    assert [f.describe() for f in report.failures] == [
+        "rollback: Guarded 'bad': __restore__ raised ValueError: cannot restore"
+    ]
+    assert "rollback: Guarded 'bad': __restore__ raised ValueError" in report.describe()
+    del ns["bad"], bad
+
+
+def test_a_discarded_cell_is_rolled_back_though_it_completed() -> None:
+    ns: dict[str, object] = {"x": 1}
+    runner = ml.CellRunner(ns)
+    with runner.cell() as cell:
+        assert isinstance(cell.run(lambda: exec("x = 2\ny = 3", ns)), ml.Ok)
+        cell.discard()
+    assert cell.discarded and not cell.outcome.interrupted
+    assert ns == {"x": 1, "__builtins__": ns["__builtins__"]}
+    assert cell.outcome.rollback is not None and "y" in cell.outcome.rollback.added
+    assert runner.undo().reason == "the last cell's changes were rolled back already"

@@ -134,6 +134,99 @@ def test_the_opening_example_of_kernel_md_runs_as_shown(tmp_path: Path) -> None:
         km.shutdown_kernel(now=True)
 
 
+# -- %%count_allocations and %undo, in docs/kernel.md and docs/repl.md -------------------------
+
+_COUNTS = re.compile(r"(allocated \d+ bytes \([\d.]+ MB\)|\(\d+ bytes allocated\))")
+
+
+def _loose(want: str) -> str:
+    """A pattern for a line of output: as written, but for the exact byte counts
+    (``allocated 2267490 bytes (2.27 MB)``, ``(2001051 bytes allocated)``), which
+    differ between Python versions."""
+    parts = _COUNTS.split(want)
+    return "".join(
+        re.sub(r"\d+", r"\\d+", re.escape(part)) if i % 2 else re.escape(part)
+        for i, part in enumerate(parts)
+    )
+
+
+def test_the_count_allocations_example_of_kernel_md_runs_as_shown(tmp_path: Path) -> None:
+    pytest.importorskip("ipykernel")
+
+    page = (ROOT / "docs" / "kernel.md").read_text()
+    section = page.split("## How much does a cell allocate? `%%count_allocations`", 1)[1]
+    m = _SESSION.search(section)
+    assert m, "docs/kernel.md: no In [1]: transcript under %%count_allocations"
+    cells = _transcript(m.group(1))
+    assert cells[2][0].startswith("%%count_allocations 5"), cells
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+    from memprof_limits_kernel.install import write_kernel_spec
+
+    write_kernel_spec(tmp_path / "memprof-limits", executable=sys.executable)
+    specs = KernelSpecManager(kernel_dirs=[str(tmp_path)])
+    km = KernelManager(kernel_name="memprof-limits", kernel_spec_manager=specs)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        for source, expected in cells:
+            msg_id = kc.execute(source)
+            shown: list[str] = []
+            while True:
+                msg = kc.get_iopub_msg(timeout=60)
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "error":
+                    shown.append(f"{content['ename']}: {content['evalue']}")
+                elif kind == "execute_result":
+                    shown.append(content["data"]["text/plain"])
+                elif kind == "stream":
+                    shown += content["text"].splitlines()
+                elif kind == "status" and content["execution_state"] == "idle":
+                    break
+            assert len(shown) == len(expected), (source, shown, expected)
+            for got, want in zip(shown, expected, strict=True):
+                assert re.fullmatch(_loose(want), got), (source, got, want)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_the_count_allocations_example_of_repl_md_runs_as_shown(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    page = (ROOT / "docs" / "repl.md").read_text()
+    m = re.search(r"```text\n(>>> %limits memory=4GiB allocations=1MB\n.*?)```", page, re.S)
+    assert m, "docs/repl.md: no transcript of %%count_allocations"
+    inputs, expected = [], []
+    for line in m.group(1).splitlines():
+        if line.startswith((">>> ", "... ")):
+            inputs.append(line[4:])
+        else:
+            expected.append(line)
+    assert any(line.startswith("%%count_allocations") for line in inputs)
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "memprof_limits_repl", "-q"],
+        input="\n".join(inputs) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    shown = proc.stdout.splitlines()
+    assert proc.stderr == "", proc.stderr
+    assert len(shown) == len(expected), (shown, expected)
+    for got, want in zip(shown, expected, strict=True):
+        assert re.fullmatch(_loose(want), got), (got, want)
+
+
 # -- docs/serve.md ------------------------------------------------------------------------------
 
 _FIGURES = re.compile(r'"(allocated_bytes|peak_rss_bytes|wall_time_s)": [0-9.]+')

@@ -181,3 +181,20 @@ def test_simple_prompt_without_prompt_toolkit_ui(spawn: Spawn) -> None:
     child.proc.expect(pexpect.EOF)
     child.proc.close()
     assert child.proc.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_count_and_rolls_it_back(spawn: Spawn) -> None:
+    """%%count_allocations in a real terminal: Ctrl+C interrupts the run
+    being made, which is rolled back, and the count says it stopped."""
+    child = spawn()
+    child.wait_prompt()
+    child.run("x = 1")
+    child.proc.send("%%count_allocations 5\r")  # the header alone is incomplete: a new line
+    child.proc.send("x = 2\x0fwhile True: pass\r")
+    latency, printed = interrupt_and_time(child)
+    assert_rolled_back_cleanly(printed)
+    assert "count stopped: run 1 of 5 was interrupted (token); no suggested limit" in printed
+    assert latency < PROMPT_LATENCY_LIMIT_S
+    # Rolled back already: nothing to undo (%undo says why).
+    assert "nothing to undo: the last cell was interrupted" in child.run("%undo")
+    assert child.run("print(x)").strip().splitlines()[-1] == "1"

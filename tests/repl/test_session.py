@@ -255,3 +255,192 @@ def test_percent_memprof_says_when_the_profiler_is_missing(
     assert s.run_cell("%memprof x = [0] * 1000").status == "error"
     assert "the profiler is not available" in capsys.readouterr().err
     assert "x" not in s.namespace
+
+
+# -- %%count_allocations and %undo ------------------------------------------------------------
+
+COUNTED = "x = x + 1; words = [str(i * i) for i in range(10**5)]"
+
+
+def _count_lines(out: str) -> list[str]:
+    """The report of a count: its last four lines."""
+    return out.rstrip("\n").splitlines()[-4:]
+
+
+def test_count_allocations_reports_and_leaves_the_state_of_one_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = Session(limits=ml.CellLimits(allocations="10MB"))
+    s.run_cell("x, words = 0, None")
+    report = s.run_cell(f"%%count_allocations 5\n{COUNTED}")
+    assert report.status == "ok" and report.outcome is not None
+    assert s.namespace["x"] == 1  # the state after one run
+    counts, limit, rule, line = _count_lines(capsys.readouterr().out)
+    m = re.fullmatch(
+        r"allocated (\d+) bytes \((\d+\.\d) MB\) in each of 5 runs from the same state "
+        r"\(spread 0\)",
+        counts,
+    )
+    assert m, counts
+    assert int(m.group(1)) == report.outcome.allocated_bytes > 10**7
+    assert limit == (
+        "the allocation limit is 10MB: the count is over it (the cell is interrupted at that limit)"
+    )
+    assert rule == "suggested limit (2 x the largest count, rounded up to 1, 2 or 5 x 10^k bytes):"
+    assert line == "%%limits allocations=50MB"
+    # Pasted, it works; below the count, the cell is interrupted.
+    assert s.run_cell(f"{line}\n{COUNTED}").status == "ok" and s.namespace["x"] == 2
+    below = f"%%limits allocations={int(m.group(1)) - 1}\n{COUNTED}"
+    assert s.run_cell(below).outcome.reason == "allocations"  # type: ignore[union-attr]
+    assert s.namespace["x"] == 2
+
+
+def test_count_allocations_of_one_run_and_with_limits_in_either_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = Session()
+    s.run_cell("x, words = 0, None")
+    assert s.run_cell(f"%%count_allocations\n{COUNTED}").status == "ok"
+    counts, limit, *_ = _count_lines(capsys.readouterr().out)
+    assert re.fullmatch(r"allocated \d+ bytes \(\d+\.\d MB\)", counts), counts
+    assert limit == "no allocation limit is set"
+    for cell in [
+        f"%%limits memory=8GiB allocations=1MB\n%%count_allocations 2\n{COUNTED}",
+        f"%%count_allocations 2\n%%limits memory=8GiB allocations=1MB\n{COUNTED}",
+    ]:
+        assert s.run_cell(cell).status == "ok"
+        out = capsys.readouterr().out
+        assert "the allocation limit is 1MB: the count is over it" in out, out
+        assert s.runner.last is not None and s.runner.last.limits.memory == 8 * 2**30
+    assert s.namespace["x"] == 3
+    # The line numbers count the headers.
+    assert s.run_cell("%%count_allocations 2\n%%limits memory=8GiB\nx = 1\n1 / 0").status == "error"
+    err = capsys.readouterr().err
+    assert re.search(r'File "<cell \d+>", line 4, in <module>\n    1 / 0', err), err
+    assert "count stopped: run 1 of 2 raised an exception; no suggested limit" in err
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ("%%count_allocations abc", "got 'abc'"),
+        ("%%count_allocations 0", "got '0'"),
+        ("%%count_allocations 100000", "got '100000'"),
+        ("%%count_allocations 5 6", "got '5 6'"),
+        ("%%count_allocations 2\n%%count_allocations 3", "%%count_allocations: given twice"),
+        ("%%count_allocations 2\n%%limits allocations=lots", "%%limits: "),
+    ],
+)
+def test_count_allocations_refuses_bad_input_and_the_session_goes_on(
+    capsys: pytest.CaptureFixture[str], header: str, message: str
+) -> None:
+    s = Session()
+    s.run_cell("x = 0")
+    assert s.run_cell(f"{header}\nx = x + 1").status == "error"
+    err = capsys.readouterr().err
+    assert message in err, err
+    if "given twice" not in message and "%%limits" not in message:
+        assert err.startswith("%%count_allocations: expected a number of runs from 1 to 100"), err
+    assert s.namespace["x"] == 0  # nothing ran
+    assert s.run_cell("x = x + 1").status == "ok" and s.namespace["x"] == 1
+
+
+def test_count_allocations_with_rollback_off_counts_one_run_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = Session(rollback=False)
+    s.run_cell("x = 0")
+    assert s.run_cell("%%count_allocations 3\nx = x + 1").status == "error"
+    assert "cannot make 3 runs from the same state with rollback off" in capsys.readouterr().err
+    assert s.run_cell("%%count_allocations\nx = x + 1").status == "ok" and s.namespace["x"] == 1
+
+
+def test_ctrl_c_during_a_count_stops_it_and_rolls_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = Session()
+    s.run_cell("import time\nx, calls = 0, []")
+    main = threading.main_thread().ident
+    assert main is not None
+    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+    code = "x = x + 1\ncalls.append(1)\nwhile len(calls) == 3: time.sleep(0.01)"
+    with s.sigint_to_cells():
+        timer.start()
+        report = s.run_cell(f"%%count_allocations 5\n{code}")
+    timer.join()
+    assert report.status == "interrupted" and report.exit_status == 130
+    assert s.namespace["x"] == 0 and len(s.namespace["calls"]) == 3  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "Interrupted: cancelled: the token was set; rolled back: x (changed)" in err, err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith(
+        "count stopped: run 3 of 5 was interrupted (token); no suggested limit (before it: "
+    ), err
+    # The next count is not affected by that Ctrl+C.
+    assert s.run_cell("%%count_allocations 2\nx = x + 1").status == "ok" and s.namespace["x"] == 1
+
+
+def test_the_memory_limit_stops_a_count_and_the_session_survives(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from memprof_limits import _sampler
+
+    s = Session()
+    s.run_cell("x = 0")
+    memory = _sampler.rss_bytes() + 64 * 2**20
+    code = "x = x + 1\nkeep = []\nwhile True: keep.append(bytearray(10**5))"
+    report = s.run_cell(f"%%count_allocations 3\n%%limits memory={memory}\n{code}")
+    assert report.status == "interrupted" and report.exit_status == 4
+    assert s.namespace["x"] == 0 and "keep" not in s.namespace
+    err = capsys.readouterr().err
+    assert "MemoryLimitExceeded: " in err and "x (changed)" in err, err
+    assert "count stopped: run 1 of 3 was interrupted (memory); no suggested limit" in err, err
+    assert s.run_cell("x = 5").status == "ok"
+
+
+def test_undo_goes_back_one_cell_and_says_when_it_cannot(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s = Session(limits=ml.CellLimits(allocations=10**7))
+    assert s.run_cell("%undo").status == "command"
+    assert capsys.readouterr().out == "nothing to undo: no cell has run yet\n"
+    s.run_cell("x = 1")
+    s.run_cell("x = 2\ny = 3")
+    s.run_cell("%limits")  # commands are not cells
+    capsys.readouterr()
+    assert s.run_cell("%undo").status == "command"
+    assert capsys.readouterr().out == (
+        "undid the last cell: rolled back: y (added), x (changed)\n"
+        "(names and Guarded values only: objects the cell changed in place stay changed)\n"
+    )
+    assert s.namespace["x"] == 1 and "y" not in s.namespace
+    s.run_cell("%undo")
+    assert capsys.readouterr().out == (
+        "nothing to undo: %undo goes back one cell only, and the last cell was undone already\n"
+    )
+    assert s.namespace["x"] == 1
+    # After a cell that raised: what it did before raising is undone.
+    assert s.run_cell("x = 3\n1 / 0").status == "error" and s.namespace["x"] == 3
+    s.run_cell("%undo")
+    assert s.namespace["x"] == 1
+    # After an interrupted cell: nothing (it was rolled back already).
+    assert s.run_cell(f"x = 4\ny = {BIG}").status == "interrupted"
+    capsys.readouterr()
+    s.run_cell("%undo")
+    assert capsys.readouterr().out == (
+        "nothing to undo: the last cell was interrupted, and its changes were rolled back already\n"
+    )
+    assert s.namespace["x"] == 1
+    # Guarded values come back; other objects changed in place do not.
+    s.run_cell("import memprof_limits as ml\ng = ml.Guarded([0])\nplain = [0]")
+    s.run_cell("g.value.append(1); plain.append(1)")
+    s.run_cell("%undo")
+    assert s.namespace["g"].value == [0] and s.namespace["plain"] == [0, 1]  # type: ignore[attr-defined]
+    assert s.run_cell("%undo now").status == "error"
+    assert "%undo: takes no argument" in capsys.readouterr().err
+
+
+def test_help_lists_the_new_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    Session().run_cell("%help")
+    out = capsys.readouterr().out
+    assert "%%count_allocations [N]" in out and "%undo" in out
