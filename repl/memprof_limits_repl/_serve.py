@@ -35,10 +35,11 @@ exact for any object, sharing the unchanged pages.
   the child runs the step on the new socket, as a cell of a
   :class:`memprof_limits.CellRunner` (allocation budget, global memory
   limit, a token set by a timer for the timeout), with its output captured.
-  If the step succeeds, a fork of the child (single-threaded: what the
-  step left running cannot change it) is the new env and waits on that
-  socket; otherwise the child's process group is killed, and env *k* is
-  unchanged (it never ran the step).  The messages are JSON: a step can
+  If the step succeeds, the child (or, if the step left a thread running, a
+  single-threaded fork of it: the thread cannot change the state
+  afterwards) is the new env and waits on that socket; otherwise the
+  child's process group is killed, and env *k* is unchanged (it never ran
+  the step).  The messages are JSON: a step can
   write on its socket, and nothing it writes may run in the server.
 - A child that dies before replying (a segfault, ``os._exit``, the OOM
   killer) is a ``crashed`` step; its parent env reaps it and says how it
@@ -98,6 +99,7 @@ from dataclasses import dataclass, field, replace
 from typing import IO, Any, NoReturn
 
 import memprof_limits as ml
+from memprof_limits import _delivery
 from memprof_limits._cells import parse_size
 
 from ._errors import print_interrupt, print_user_exception
@@ -419,9 +421,10 @@ def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) 
     In a process group of its own: a step's ``os.kill(0, ...)`` or
     ``os.killpg`` reaches its own processes only, not the server and the
     other envs.  Killed if its env dies (the server gone: PR_SET_PDEATHSIG).
-    A step that succeeded forks once more, and that single-threaded copy is
-    the env: a thread the step left running, an alarm it set, cannot change
-    the state afterwards or keep the env from answering."""
+    A step that succeeded and left a thread running forks once more, and
+    that single-threaded copy is the env: the thread cannot change the state
+    afterwards or keep the env from answering.  Otherwise this process is
+    the env, its timers cleared (as a fork would)."""
     global _channel
     _channel = channel
     me, env_pid = os.getpid(), os.getppid()
@@ -440,10 +443,15 @@ def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) 
         if os.getpid() != me:  # a fork made by the step returned through here
             _exit(0)
         if result["status"] == "ok" and op != "pickle":
-            _channel = None  # (the fork below keeps it)
-            if _fork() != 0:
-                _exit(0)  # the step's process ends, with every thread of the step
-            _channel = channel
+            if _other_threads():
+                _channel = None  # (the fork below keeps it)
+                if _fork() != 0:
+                    _exit(0)  # the step's process ends, with every thread of the step
+                _channel = channel
+            else:  # the cheap way to the same state: no thread, no timer left
+                for timer in (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF):
+                    signal.setitimer(timer, 0)
+                _prctl(_PR_SET_PDEATHSIG, 0)  # an env outlives the env it came from
             result["pid"] = os.getpid()
             _send(channel, ("result", result))
             _env_loop(channel, state)
@@ -462,6 +470,19 @@ def _child(op: str, arg: dict[str, Any], channel: socket.socket, state: _State) 
 
 
 _PR_SET_PDEATHSIG = 1
+
+
+def _other_threads() -> bool:
+    """Whether this process runs a thread other than the main one and the
+    library's watchdog (a thread of the step, Python's or a C library's)."""
+    ours = {os.getpid()}
+    watchdog = _delivery._watchdog
+    if watchdog is not None and watchdog.native_id is not None:
+        ours.add(watchdog.native_id)
+    try:
+        return any(int(tid) not in ours for tid in os.listdir("/proc/self/task"))
+    except OSError:
+        return True
 
 
 def _prctl(option: int, value: int) -> None:
@@ -1027,15 +1048,20 @@ class Server:
                 "wall_time_s": elapsed,
             }
         if result["status"] == "ok" and keep:
-            # The env is a fork of the step's process (see _child), which exits:
-            # reparented to the server, in the step's process group.
-            self.reap(env, pid)
+            # The env is the step's process, or a fork of it if the step left a
+            # thread running (see _child): then the step's process exits, and the
+            # env is the server's (subreaper), in the step's process group.
             env_pid = result.pop("pid", None)
             if _type(env_pid) is not _int:
                 ours.close()
                 _kill_group(pid)
+                self.reap(env, pid)
                 return {"env": env.id, "status": "error", "error": "the step's reply was forged"}
-            new = _Env(self.next_id, env_pid, ours, None, pgid=pid)
+            parent: _Env | None = env
+            if env_pid != pid:
+                self.reap(env, pid)
+                parent = None
+            new = _Env(self.next_id, env_pid, ours, parent, pgid=pid)
             self.envs[self.next_id] = new
             self.next_id += 1
             return {**result, "env": new.id}
