@@ -1072,25 +1072,23 @@ class Server:
 
     @staticmethod
     def wait_result(channel: socket.socket, deadline: float | None) -> Any:
-        """The step's result; ``None`` if its process died first; ``"late"``
-        if ``deadline`` passed first."""
-        while True:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([channel], [], [], wait)
-            if not ready:
-                return "late"
-            try:  # (a step that stops in the middle of a message has this long to finish it)
-                got = _recv(channel, deadline or time.monotonic() + ANSWER_TIMEOUT_S)
-            except (OSError, _BadMessage):
-                return None  # a step that writes on its channel is killed as crashed
-            if got is None:
-                return None
-            message, _fds = got
-            if isinstance(message, list) and message[:1] == ["result"] and _len(message) == 2:
-                result = message[1]
-                if isinstance(result, dict) and result.get("status") in STATUSES:
-                    return result
+        """The step's result; ``None`` if its process died first (or wrote
+        something else on its channel: it is then killed as crashed);
+        ``"late"`` if ``deadline`` passed first."""
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([channel], [], [], wait)
+        if not ready:
+            return "late"
+        try:  # (a step that stops in the middle of a message has this long to finish it)
+            got = _recv(channel, deadline or time.monotonic() + ANSWER_TIMEOUT_S)
+        except (OSError, _BadMessage):
             return None
+        message = got[0] if got is not None else None
+        if isinstance(message, list) and _len(message) == 2 and message[0] == "result":
+            result = message[1]
+            if isinstance(result, dict) and result.get("status") in STATUSES:
+                return result
+        return None
 
     def reap(self, parent: _Env, pid: int) -> int | None:
         """Wait for ``pid``, a child of ``parent`` (or of the server if that
