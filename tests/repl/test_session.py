@@ -362,7 +362,15 @@ def test_ctrl_c_during_a_count_stops_it_and_rolls_back(
     s.run_cell("import time\nx, calls = 0, []")
     main = threading.main_thread().ident
     assert main is not None
-    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+    calls: list[int] = s.namespace["calls"]  # type: ignore[assignment]
+
+    def ctrl_c_in_run_3() -> None:  # (not at a fixed time: runs 1 and 2 may be slow)
+        deadline = time.monotonic() + 30
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    timer = threading.Thread(target=ctrl_c_in_run_3)
     code = "x = x + 1\ncalls.append(1)\nwhile len(calls) == 3: time.sleep(0.01)"
     with s.sigint_to_cells():
         timer.start()
