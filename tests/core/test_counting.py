@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -160,7 +161,14 @@ def test_an_interrupted_run_stops_the_count_and_is_rolled_back() -> None:
     ns: dict[str, Any] = {"x": 0, "calls": calls}
     runner = ml.CellRunner(ns)
     code = "x = x + 1\nimport time\ncalls.append(1)\nwhile len(calls) == 3: time.sleep(0.01)"
-    timer = threading.Timer(0.5, runner.interrupt)  # Ctrl+C, the kernel's button
+
+    def interrupt_in_run_3() -> None:  # Ctrl+C, the kernel's button (not at a fixed time)
+        deadline = time.monotonic() + 30
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        runner.interrupt()
+
+    timer = threading.Thread(target=interrupt_in_run_3)
     timer.start()
     report = count(runner, code, ns, 5)
     timer.join()
