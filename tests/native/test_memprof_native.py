@@ -141,7 +141,8 @@ def test_tracked_blocks_follow_frees() -> None:
     assert len(big) == 20 and set(big) <= live
     assert all(records[rid][5] & lib.ML_MEMPROF_TRACKED for rid in big)
     del blocks
-    assert lib.ml_memprof_tracked_blocks() <= tracked - 20
+    # (Other threads' allocations are sampled too meanwhile: the same allowance as above.)
+    assert lib.ml_memprof_tracked_blocks() <= tracked - 20 + 8
     live_after: set[int] = set()
     c_live_ids(live_after)
     assert not set(big) & live_after

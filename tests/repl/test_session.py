@@ -276,13 +276,19 @@ def test_count_allocations_reports_and_leaves_the_state_of_one_run(
     assert report.status == "ok" and report.outcome is not None
     assert s.namespace["x"] == 1  # the state after one run
     counts, limit, rule, line = _count_lines(capsys.readouterr().out)
+    # The same count every time on a quiet machine; under load the library's watchdog thread
+    # can take a tuple or two from CPython's free lists (docs/serve.md, "Limits"): tens of bytes.
     m = re.fullmatch(
         r"allocated (\d+) bytes \((\d+\.\d) MB\) in each of 5 runs from the same state "
-        r"\(spread 0\)",
+        r"\(spread 0\)"
+        r"|allocated (\d+) to (\d+) bytes \((\d+\.\d) MB\) in 5 runs from the same state "
+        r"\(spread (\d+) bytes, [0-9.]+%\)",
         counts,
     )
     assert m, counts
-    assert int(m.group(1)) == report.outcome.allocated_bytes > 10**7
+    low = int(m.group(1) or m.group(3))
+    assert m.group(6) is None or int(m.group(6)) <= 512, counts
+    assert low <= report.outcome.allocated_bytes <= low + 512 and low > 10**7
     assert limit == (
         "the allocation limit is 10MB: the count is over it (the cell is interrupted at that limit)"
     )
@@ -290,7 +296,7 @@ def test_count_allocations_reports_and_leaves_the_state_of_one_run(
     assert line == "%%limits allocations=50MB"
     # Pasted, it works; below the count, the cell is interrupted.
     assert s.run_cell(f"{line}\n{COUNTED}").status == "ok" and s.namespace["x"] == 2
-    below = f"%%limits allocations={int(m.group(1)) - 1}\n{COUNTED}"
+    below = f"%%limits allocations={low - 1024}\n{COUNTED}"
     assert s.run_cell(below).outcome.reason == "allocations"  # type: ignore[union-attr]
     assert s.namespace["x"] == 2
 
