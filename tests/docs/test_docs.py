@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,12 @@ def _transcript(block: str) -> list[tuple[str, list[str]]]:
     return cells
 
 
-def test_the_opening_example_of_kernel_md_runs_as_shown(tmp_path: Path) -> None:
-    pytest.importorskip("ipykernel")
-
-    m = _SESSION.search((ROOT / "docs" / "kernel.md").read_text())
-    assert m, "docs/kernel.md: no In [1]: transcript"
-    cells = _transcript(m.group(1))
-    assert len(cells) == 3, cells
-    # Our kernel, whatever kernelspecs are installed: a spec for this interpreter.
+def _check_in_kernel(
+    tmp_path: Path, cells: list[tuple[str, list[str]]], pattern: Callable[[str], str]
+) -> None:
+    """Run ``cells`` in our kernel (a spec for this interpreter, whatever
+    kernelspecs are installed); each line shown must match ``pattern(line
+    expected)``."""
     from jupyter_client import KernelManager
     from jupyter_client.kernelspec import KernelSpecManager
     from memprof_limits_kernel.install import write_kernel_spec
@@ -126,12 +125,23 @@ def test_the_opening_example_of_kernel_md_runs_as_shown(tmp_path: Path) -> None:
                     break
             assert len(shown) == len(expected), (source, shown, expected)
             for got, want in zip(shown, expected, strict=True):
-                # The exact count of bytes allocated may differ a little between versions.
-                pattern = re.escape(want).replace(r"\(10326908\ bytes", r"\(\d+\ bytes")
-                assert re.fullmatch(pattern, got), (source, got, want)
+                assert re.fullmatch(pattern(want), got), (source, got, want)
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_the_opening_example_of_kernel_md_runs_as_shown(tmp_path: Path) -> None:
+    pytest.importorskip("ipykernel")
+
+    m = _SESSION.search((ROOT / "docs" / "kernel.md").read_text())
+    assert m, "docs/kernel.md: no In [1]: transcript"
+    cells = _transcript(m.group(1))
+    assert len(cells) == 3, cells
+    # The exact count of bytes allocated may differ a little between versions.
+    _check_in_kernel(
+        tmp_path, cells, lambda want: re.escape(want).replace(r"\(10326908\ bytes", r"\(\d+\ bytes")
+    )
 
 
 # -- %%count_allocations and %undo, in docs/kernel.md and docs/repl.md -------------------------
@@ -177,40 +187,7 @@ def test_the_count_allocations_example_of_kernel_md_runs_as_shown(tmp_path: Path
     assert m, "docs/kernel.md: no In [1]: transcript under %%count_allocations"
     cells = _transcript(m.group(1))
     assert cells[2][0].startswith("%%count_allocations 5"), cells
-    from jupyter_client import KernelManager
-    from jupyter_client.kernelspec import KernelSpecManager
-    from memprof_limits_kernel.install import write_kernel_spec
-
-    write_kernel_spec(tmp_path / "memprof-limits", executable=sys.executable)
-    specs = KernelSpecManager(kernel_dirs=[str(tmp_path)])
-    km = KernelManager(kernel_name="memprof-limits", kernel_spec_manager=specs)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=60)
-        for source, expected in cells:
-            msg_id = kc.execute(source)
-            shown: list[str] = []
-            while True:
-                msg = kc.get_iopub_msg(timeout=60)
-                if msg["parent_header"].get("msg_id") != msg_id:
-                    continue
-                kind, content = msg["msg_type"], msg["content"]
-                if kind == "error":
-                    shown.append(f"{content['ename']}: {content['evalue']}")
-                elif kind == "execute_result":
-                    shown.append(content["data"]["text/plain"])
-                elif kind == "stream":
-                    shown += content["text"].splitlines()
-                elif kind == "status" and content["execution_state"] == "idle":
-                    break
-            assert len(shown) == len(expected), (source, shown, expected)
-            for got, want in zip(shown, expected, strict=True):
-                assert re.fullmatch(_loose(want), got), (source, got, want)
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
+    _check_in_kernel(tmp_path, cells, _loose)
 
 
 def test_the_count_allocations_example_of_repl_md_runs_as_shown(tmp_path: Path) -> None:
