@@ -69,6 +69,7 @@
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -150,6 +151,23 @@ PyObject *ml_py_flush, *ml_py_ensure_ctl, *ml_py_deliver, *ml_py_after_fork;
  * can reset their counters.  Protected by g_registry_lock. */
 static pthread_mutex_t g_registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static ml_tls_t *g_registry;
+
+/* The watchdog's sleep (sampler.h).  g_pending_seq: bumped (atomically, by
+ * any thread, hooks included) right after a reason became pending
+ * anywhere; g_watch_seen: its value when the watchdog's current scan
+ * began, written and read by the watchdog thread only.  A reason that
+ * becomes pending after a scan read its thread's state bumps the sequence
+ * after that: the idle sleep in ml_watch_sleep then ends -- no reason is
+ * missed. */
+static int64_t g_pending_seq;
+static int64_t g_watch_seen;
+/* Threads with a task open (the size of _delivery's _active, set by Python
+ * under its lock): while there is none the idle watchdog blocks on
+ * g_watch_cond instead of waking every interval.  Protected by g_watch_lock. */
+static pthread_mutex_t g_watch_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_watch_cond = PTHREAD_COND_INITIALIZER;
+static int64_t g_tasks_open;
+
 static pthread_key_t g_exit_key;          /* its destructor unregisters */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
@@ -207,6 +225,10 @@ static void atfork_child(void)
     /* Only the forking thread survives: forget the others. */
     pthread_mutex_init(&g_registry_lock, NULL);
     pthread_mutex_init(&g_lock, NULL);
+    /* The watchdog is the parent's thread: the child starts its own. */
+    pthread_mutex_init(&g_watch_lock, NULL);
+    pthread_cond_init(&g_watch_cond, NULL);
+    g_tasks_open = 0;
     g_registry = NULL;
     if (T.state == 1) {
         T.next = T.prev = NULL;
@@ -499,7 +521,10 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
     ml_ctl_t *ctl = t->ctl;
     if (allocated > t->budget_end) {
         t->budget_end = ML_NO_BUDGET;
-        if (ctl) __atomic_fetch_or(&ctl->pending, ML_REASON_ALLOCATIONS, __ATOMIC_SEQ_CST);
+        if (ctl) {
+            __atomic_fetch_or(&ctl->pending, ML_REASON_ALLOCATIONS, __ATOMIC_SEQ_CST);
+            ml_pending_changed();
+        }
     }
     int64_t limit = g_global_limit;
     int watched = ctl && ctl->watch_global > 0 && limit >= 0;
@@ -517,6 +542,7 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
             __atomic_store_n(&g_over_rss, rss, __ATOMIC_RELAXED);
             __atomic_store_n(&g_over_block, big ? n : 0, __ATOMIC_RELAXED);
             __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
+            ml_pending_changed();
         }
     }
     reset_countdown(t, allocated);
@@ -984,6 +1010,45 @@ void ml_detach_ctl(ml_ctl_t *ctl)
 void ml_ctl_add_pending(ml_ctl_t *ctl, int64_t bits)
 {
     __atomic_fetch_or(&ctl->pending, bits, __ATOMIC_SEQ_CST);
+    ml_pending_changed();
+}
+
+void ml_pending_changed(void) { __atomic_fetch_add(&g_pending_seq, 1, __ATOMIC_SEQ_CST); }
+
+void ml_set_tasks_open(int64_t n)
+{
+    pthread_mutex_lock(&g_watch_lock);
+    g_tasks_open = n;
+    if (n > 0) pthread_cond_signal(&g_watch_cond);
+    pthread_mutex_unlock(&g_watch_lock);
+}
+
+int ml_any_pending(void)
+{
+    int any = 0;
+    pthread_mutex_lock(&g_registry_lock);
+    for (ml_tls_t *t = g_registry; t != NULL && !any; t = t->next) {
+        ml_ctl_t *ctl = t->ctl;
+        if (ctl != NULL && ctl->active > 0 && ml_effective_pending(ctl)) any = 1;
+    }
+    pthread_mutex_unlock(&g_registry_lock);
+    return any;
+}
+
+void ml_watch_sleep(int64_t interval_ns, int idle)
+{
+    for (;;) {
+        if (idle) {
+            /* No task open: nothing to re-deliver until one opens. */
+            pthread_mutex_lock(&g_watch_lock);
+            while (g_tasks_open <= 0) pthread_cond_wait(&g_watch_cond, &g_watch_lock);
+            pthread_mutex_unlock(&g_watch_lock);
+        }
+        struct timespec ts = {interval_ns / 1000000000, interval_ns % 1000000000};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+        if (!idle || __atomic_load_n(&g_pending_seq, __ATOMIC_SEQ_CST) != g_watch_seen) break;
+    }
+    g_watch_seen = __atomic_load_n(&g_pending_seq, __ATOMIC_SEQ_CST);
 }
 void ml_ctl_clear_pending(ml_ctl_t *ctl, int64_t bits)
 {

@@ -140,6 +140,26 @@ void ml_ctl_add_pending(ml_ctl_t *ctl, int64_t bits);
 void ml_ctl_clear_pending(ml_ctl_t *ctl, int64_t bits);
 /* The reasons pending: ctl->pending, plus ML_REASON_TOKEN if a watched token is set. */
 int64_t ml_ctl_pending(ml_ctl_t *ctl);
+/* Called right after a reason became pending on any thread (a hook, a token
+ * set, a scope opened on a token already set): wakes the watchdog.  Atomic;
+ * no GIL needed, allocation-free. */
+void ml_pending_changed(void);
+/* The watchdog's sleep between its scans, called without the GIL (through
+ * cffi): one interval, and if `idle` (its last scan found nothing pending),
+ * on until ml_pending_changed() was called after that scan began -- and
+ * blocked, not waking, while no task is open (ml_set_tasks_open).  While
+ * nothing is pending, the watchdog thus runs no Python at all: the tasks'
+ * allocation counts do not depend on it (it would share CPython's free
+ * lists with them).  Watchdog thread only. */
+void ml_watch_sleep(int64_t interval_ns, int idle);
+/* [GIL] The number of threads with a task open (while 0, the idle watchdog
+ * blocks instead of waking every interval). */
+void ml_set_tasks_open(int64_t n);
+/* [GIL] Whether a thread that runs a task has a reason pending: the
+ * watchdog's check after a wake-up, which makes no Python object (a task
+ * that has a thread registered here: every thread that opened a scope; the
+ * GIL keeps their control blocks and watched token flags alive). */
+int ml_any_pending(void);
 
 /* Global memory limit (bytes of resident memory; < 0: none) and RSS. */
 void ml_set_global_limit(int64_t bytes);

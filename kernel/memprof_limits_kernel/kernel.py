@@ -375,6 +375,8 @@ class MemprofLimitsKernel(IPythonKernel):
                 _clear_stale_interrupts()
                 self._interrupted_since_clear = False
             limits = self.settings.cell_limits(code)
+            if limits.allocations is not None or counter is not None:
+                self._quiet_iopub()
             if counter is not None:
                 opening = counter.run()
             elif undoable:
@@ -384,6 +386,22 @@ class MemprofLimitsKernel(IPythonKernel):
             cell = stack.enter_context(opening)
             self._cell = shell.current_cell = cell
         return cell, stack
+
+    def _quiet_iopub(self) -> None:
+        """Wait until the I/O thread has sent what was published so far (the
+        busy status and the cell's input, sent as the request arrived):
+        Python it would run while the cell starts shares CPython's free lists
+        with the cell and moves the cell's collections -- its allocation count
+        would depend on the scheduling.  At most 1 s."""
+        thread = getattr(self, "iopub_thread", None)
+        if thread is None or not hasattr(thread, "schedule"):
+            return
+        done = threading.Event()
+        try:
+            thread.schedule(done.set)
+        except Exception:  # a closed pipe at shutdown: nothing to wait for
+            return
+        done.wait(1.0)
 
     async def do_execute(
         self,

@@ -78,7 +78,6 @@ import contextlib
 import ctypes
 import fcntl
 import functools
-import gc
 import io
 import json
 import math
@@ -579,7 +578,9 @@ def _run_limited(
     runner = ml.CellRunner(namespace, limits=limits.cell, rollback=False)
     timed_out = threading.Event()
     result: Any = None
-    with runner.cell() as cell:
+    # Same collector state before every step of an env, whatever the env did
+    # between forks: the same step, the same count.
+    with runner.cell(canonical=True) as cell:
         timer = None
         if limits.timeout_s is not None:
 
@@ -619,7 +620,6 @@ def _step(state: _State, request: dict[str, Any]) -> dict[str, Any]:
                 value = execute_compiled(compiled, state.namespace)
                 return None if value is None else _plain(repr(value))
 
-            _canonical_heap()
             outcome, result, timed_out = _run_limited(task, limits, state.namespace)
             if outcome.interrupted:
                 reason = "timeout" if timed_out and outcome.reason == "token" else outcome.reason
@@ -643,17 +643,6 @@ def _step(state: _State, request: dict[str, Any]) -> dict[str, Any]:
             "wall_time_s": round(outcome.wall_time_s, 6),
         }
     return reply
-
-
-def _canonical_heap() -> None:
-    """Put the collector in the same state before every step of an env:
-    a full collection of nothing (what exists is frozen meanwhile: O(1))
-    empties the free lists and zeroes the generation counts, which the env's
-    own work between forks changed (a step's allocation count depends on
-    both: an object taken from a free list is not an allocation)."""
-    gc.freeze()
-    gc.collect()
-    gc.unfreeze()
 
 
 def _message(

@@ -30,6 +30,10 @@ The solution
   with EINTR, run the handler, and raise (PEP 475).
 - A watchdog thread re-delivers every ``REDELIVERY_INTERVAL_S`` while a
   reason is pending and its task runs: sticky interrupts without allocation.
+  While nothing is pending it sleeps in C, woken by ``ml_pending_changed``
+  (hooks, ``Token.set``, a scope opened on a set token): running Python
+  every interval would share CPython's free lists with the tasks and make
+  their allocation counts vary with the machine's load.
 - One interrupt, delivered once: an interrupt is re-delivered only once it
   was swallowed -- never while the thread is still handling (in an
   ``except`` or ``finally``) an interrupt of the same cause.  The
@@ -69,7 +73,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 import weakref
 from types import FrameType
 
@@ -87,9 +90,10 @@ __all__ = [
 
 INTERRUPT_SIGNAL = signal.SIGRTMIN + 2
 REDELIVERY_INTERVAL_S = 0.01
+_INTERVAL_NS = round(REDELIVERY_INTERVAL_S * 1e9)
 
 _active: weakref.WeakSet[ThreadState] = weakref.WeakSet()  # states with open scopes
-_wakeup = threading.Condition()
+_active_lock = threading.Lock()
 _watchdog: threading.Thread | None = None
 _handler_installed = False
 
@@ -184,23 +188,24 @@ def activate(st: ThreadState) -> None:
         if not _handler_installed or current in (signal.SIG_DFL, signal.SIG_IGN, None):
             signal.signal(INTERRUPT_SIGNAL, _on_interrupt_signal)
             _handler_installed = True
-    with _wakeup:
+    with _active_lock:
         _active.add(st)
+        _sampler.set_tasks_open(len(_active))
         if _watchdog is None or not _watchdog.is_alive():
             _watchdog = threading.Thread(target=_watch, name="memprof_limits-watchdog", daemon=True)
             _watchdog.start()
-        _wakeup.notify()
 
 
 def running_tasks() -> int:
     """Threads that have a task open (outermost scope not yet closed)."""
-    with _wakeup:
+    with _active_lock:
         return sum(1 for st in _active if st.ctl.active > 0)
 
 
 def deactivate(st: ThreadState) -> None:
-    with _wakeup:
+    with _active_lock:
         _active.discard(st)
+        _sampler.set_tasks_open(len(_active))
 
 
 def _watch() -> None:
@@ -211,35 +216,51 @@ def _watch() -> None:
     would make the bytes an interrupted task allocates depend on timing.  So
     a task is nudged only if, for a whole interval, it took no slow path and
     received no interrupt (one may still be unwinding).
+
+    While its last scan found nothing pending, the watchdog sleeps in C
+    (``_sampler.watch_sleep``) until a reason becomes pending somewhere, and
+    then scans only if one still is (``_sampler.any_pending``, which makes
+    no object): it runs no Python that allocates meanwhile, so it takes
+    nothing from, and gives nothing back to, the free lists of CPython that
+    the tasks use -- the same task allocates the same bytes however loaded
+    the machine is.  While no task is open at all, it does not even wake:
+    it blocks in C until one opens (``_sampler.set_tasks_open``).
     """
     progress: dict[int, tuple[int, int, bool]] = {}
+    idle = True  # (ml_watch_sleep's first "seen" is 0: any reason ever pending wakes it)
     while True:
-        with _wakeup:
-            while not _active:
-                progress.clear()
-                _wakeup.wait()
-        time.sleep(REDELIVERY_INTERVAL_S)
-        for st in list(_active):
+        _sampler.watch_sleep(_INTERVAL_NS, idle)
+        if idle and not _sampler.any_pending():
+            continue  # woken for a reason that is gone already (its task ended)
+        with _active_lock:
+            states = list(_active)
+        idle = True
+        for st in states:
             ctl = st.ctl
             key = id(st)
             # A reason that became pending since the last tick was delivered
             # by whoever set it: wait a whole interval before repeating it.
             now = (int(ctl.slow_paths), int(ctl.arms), bool(st.pending()))
             last, progress[key] = progress.get(key), now
+            if now[2]:
+                idle = False
             if last != now or not now[2] or ctl.mask_depth != 0:
                 continue
             try:
                 nudge(st)
             except OSError:  # the thread is gone
                 pass
+        if idle:
+            progress.clear()
 
 
 def _after_fork_in_child() -> None:
     """The parent's threads, watchdog included, do not exist in the child
-    (and the condition's lock may have been held by one of them)."""
-    global _wakeup, _watchdog
+    (and the lock may have been held by one of them; the C side forgets the
+    open tasks in its at-fork handler)."""
+    global _active_lock, _watchdog
     _active.clear()
-    _wakeup = threading.Condition()
+    _active_lock = threading.Lock()
     _watchdog = None
 
 

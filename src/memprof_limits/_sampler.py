@@ -90,6 +90,9 @@ _c_detach_ctl = _fn("ml_detach_ctl", None, _vp)
 _c_add_pending = _fn("ml_ctl_add_pending", None, _vp, _i64)
 _c_clear_pending = _fn("ml_ctl_clear_pending", None, _vp, _i64)
 _c_pending = _fn("ml_ctl_pending", _i64, _vp)
+pending_changed = _fn("ml_pending_changed", None)
+any_pending = _fn("ml_any_pending", ctypes.c_int)
+set_tasks_open = _fn("ml_set_tasks_open", None, _i64)
 _c_set_global_limit = _fn("ml_set_global_limit", None, _i64)
 _c_rss = _fn("ml_rss", _i64)
 _c_peak_rss = _fn("ml_peak_rss", _i64)
@@ -177,6 +180,8 @@ class ThreadState:
             )
         ctl.token_flags[ctl.n_tokens] = flag
         ctl.n_tokens += 1
+        if flag[0]:
+            pending_changed()  # a token set before its scope opened: now pending here
 
     def unwatch_token(self, flag: Any) -> None:
         ctl = self.ctl
@@ -386,6 +391,12 @@ def set_sampling_rate(rate: float) -> None:
     rc = _c_set_sampling_rate(float(rate))
     if rc:
         raise ValueError(_ERRORS[rc])
+
+
+def watch_sleep(interval_ns: int, idle: bool) -> None:
+    """The watchdog's sleep (native/sampler.h, ``ml_watch_sleep``): through
+    cffi, which releases the GIL, and allocation-free."""
+    lib.ml_watch_sleep(interval_ns, idle)
 
 
 def allocated_bytes() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import _sampler
 from ._native import ffi  # type: ignore[import-not-found,unused-ignore]
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class Token:
         from . import _delivery
 
         self._flag[0] = 1
+        _sampler.pending_changed()
         for st, _count in list(self._watchers.values()):
             _delivery.nudge(st)
 

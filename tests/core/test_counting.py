@@ -8,7 +8,13 @@ hundred bytes for a small namespace) in a run that adds a name when the table
 is full -- after a rollback a deleted name leaves its slot behind, so that
 happens every few runs -- and a float or tuple the collector or the
 allocator keeps for later (24-56 bytes).  ``SPREAD_BOUND`` is the bound the
-tests hold a count to.
+tests hold a count to.  Two effects of CPython's own caches come on top: the
+first run fills caches that outlive it (the instances' shared-keys table of a
+class made before the count: 3608 bytes, once), and a class made in every run
+registers in ``object.__subclasses__()``, a table that grows now and then
+(36 888 bytes on 3.12 with pytest's classes).  Since the watchdog runs no
+Python while nothing is pending (issue 14), runs after the first are
+identical on a loaded machine too.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from memprof_limits import _sampler
 
 #: The spread allowed for a deterministic cell (see the module's docstring).
 SPREAD_BOUND = 512
+#: What the first run of a count may add (see the module's docstring).
+FIRST_RUN_WARMUP = 8192
 
 
 def count(
@@ -59,15 +67,31 @@ def count(
         "words = [str(i) for i in range(10**5)]",
         "pairs = [(i, i) for i in range(10**4)]",
         "floats = {i: float(i) for i in range(10**4)}",
-        "class A:\n    pass\nobjects = [A() for _ in range(1000)]",
+        "objects = [A() for _ in range(1000)]",
     ],
 )
 def test_a_deterministic_cell_counts_the_same_in_every_run(code: str) -> None:
     ns: dict[str, Any] = {"words": None, "pairs": None, "floats": None, "objects": None}
+    exec("class A:\n    pass", ns)  # (a class made in the cell: next test)
     report = count(ml.CellRunner(ns), code, ns, 5)
     assert report.complete and len(report.allocated_bytes) == 5, report
     assert report.minimum > 50_000
-    assert report.spread <= SPREAD_BOUND, report.allocated_bytes
+    first, *later = report.allocated_bytes
+    assert max(later) - min(later) <= SPREAD_BOUND, report.allocated_bytes
+    # The first run may also fill caches that outlive it: the instances' shared-keys table
+    # of a class made before the count (3608 bytes on 3.12, once per class).
+    assert min(later) - SPREAD_BOUND <= first <= max(later) + FIRST_RUN_WARMUP, report
+
+
+def test_a_class_made_in_each_run_costs_cpythons_table_of_subclasses_now_and_then() -> None:
+    """A class registers itself in its bases' table of subclasses (``object.__subclasses__()``),
+    a dict that CPython grows as classes come and go: a run that makes it grow pays for the
+    new table (36 888 bytes on 3.12 with pytest's ~660 classes).  Bounded by one growth."""
+    ns: dict[str, Any] = {"objects": None}
+    code = "class A:\n    pass\nobjects = [A() for _ in range(1000)]"
+    report = count(ml.CellRunner(ns), code, ns, 10)
+    assert report.complete and report.spread <= 65_536, report.allocated_bytes
+    assert report.allocated_bytes.count(report.minimum) >= 5, report.allocated_bytes
 
 
 def test_a_new_name_costs_the_namespace_a_bigger_table_now_and_then() -> None:

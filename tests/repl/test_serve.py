@@ -178,9 +178,10 @@ def test_allocated_bytes_are_the_same_every_run_and_across_servers() -> None:
                 assert r.ok, r
                 counts.append(r.fuel["allocated_bytes"])
     assert counts[0] > 10**6
-    # Identical on a quiet machine (0 B of spread over 24 runs in 12 servers, 3.11 and 3.13);
-    # under CPU load, a few hundred bytes at most (see docs/serve.md, "Limits").
-    assert max(counts) - min(counts) <= 1024, counts
+    # Identical, on a loaded machine too (15 runs of a bigger step in 3 servers with three busy
+    # loops on two cores, 3.11-3.13) since the watchdog runs no Python while nothing is pending;
+    # before, up to 847 bytes apart under load (docs/serve.md, "Limits").
+    assert len(set(counts)) == 1, counts
 
 
 def test_discard_ends_the_env_processes_and_frees_their_memory(server: ServeClient) -> None:
