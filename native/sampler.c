@@ -1006,6 +1006,15 @@ ml_ctl_t *ml_get_ctl(void) { return T.ctl; }
 void ml_detach_ctl(ml_ctl_t *ctl)
 {
     if (T.ctl == ctl) T.ctl = NULL;
+    /* A control block can die on another thread than its owner (a Python
+     * object kept it alive past the owner's thread state: a kept scope, the
+     * watchdog's list of states; a C thread that calls Python through
+     * PyGILState_Ensure gets a new thread state each time): no registry entry
+     * may point to it once it is freed (ml_any_pending walks them). */
+    pthread_mutex_lock(&g_registry_lock);
+    for (ml_tls_t *t = g_registry; t != NULL; t = t->next)
+        if (t->ctl == ctl) t->ctl = NULL;
+    pthread_mutex_unlock(&g_registry_lock);
 }
 void ml_ctl_add_pending(ml_ctl_t *ctl, int64_t bits)
 {
@@ -1034,6 +1043,8 @@ int ml_any_pending(void)
     pthread_mutex_unlock(&g_registry_lock);
     return any;
 }
+
+void ml_watch_restart(void) { g_watch_seen = -1; }
 
 void ml_watch_sleep(int64_t interval_ns, int idle)
 {

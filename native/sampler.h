@@ -135,7 +135,7 @@ int64_t ml_budget_end(void);
 /* The current thread's control block (NULL for none). */
 void ml_set_ctl(ml_ctl_t *ctl);
 ml_ctl_t *ml_get_ctl(void);
-void ml_detach_ctl(ml_ctl_t *ctl);   /* clears the TLS pointer if it is ctl */
+void ml_detach_ctl(ml_ctl_t *ctl);   /* clears every TLS pointer to ctl (it is being freed) */
 void ml_ctl_add_pending(ml_ctl_t *ctl, int64_t bits);
 void ml_ctl_clear_pending(ml_ctl_t *ctl, int64_t bits);
 /* The reasons pending: ctl->pending, plus ML_REASON_TOKEN if a watched token is set. */
@@ -152,6 +152,10 @@ void ml_pending_changed(void);
  * allocation counts do not depend on it (it would share CPython's free
  * lists with them).  Watchdog thread only. */
 void ml_watch_sleep(int64_t interval_ns, int idle);
+/* Called by a new watchdog thread first: its first idle sleep ends after one
+ * interval (a reason pending before it started is not missed).  Watchdog
+ * thread only. */
+void ml_watch_restart(void);
 /* [GIL] The number of threads with a task open (while 0, the idle watchdog
  * blocks instead of waking every interval). */
 void ml_set_tasks_open(int64_t n);

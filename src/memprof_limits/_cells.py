@@ -359,6 +359,8 @@ def canonical_collector() -> None:
     CPython 3.12 starts with 375 immortal tuples frozen), unfreezing would
     undo that: a plain full collection (O(heap)) is made instead, which
     leaves frozen objects alone.  docs/design.md, "Deterministic counts".
+    Known failure case: another thread that calls ``gc.freeze()`` while the
+    collection runs (finalizers release the GIL) has its freeze undone.
 
     >>> import gc
     >>> canonical_collector(); gc.get_count()[1:]  # (the line itself counts in generation 0)

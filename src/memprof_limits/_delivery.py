@@ -93,7 +93,7 @@ REDELIVERY_INTERVAL_S = 0.01
 _INTERVAL_NS = round(REDELIVERY_INTERVAL_S * 1e9)
 
 _active: weakref.WeakSet[ThreadState] = weakref.WeakSet()  # states with open scopes
-_active_lock = threading.Lock()
+_active_lock = threading.RLock()  # (a collection under it may open a task)
 _watchdog: threading.Thread | None = None
 _handler_installed = False
 
@@ -227,31 +227,41 @@ def _watch() -> None:
     it blocks in C until one opens (``_sampler.set_tasks_open``).
     """
     progress: dict[int, tuple[int, int, bool]] = {}
-    idle = True  # (ml_watch_sleep's first "seen" is 0: any reason ever pending wakes it)
+    _sampler.watch_restart()  # (a watchdog that died left its sequence number behind)
+    idle = True
     while True:
         _sampler.watch_sleep(_INTERVAL_NS, idle)
         if idle and not _sampler.any_pending():
             continue  # woken for a reason that is gone already (its task ended)
-        with _active_lock:
-            states = list(_active)
-        idle = True
-        for st in states:
-            ctl = st.ctl
-            key = id(st)
-            # A reason that became pending since the last tick was delivered
-            # by whoever set it: wait a whole interval before repeating it.
-            now = (int(ctl.slow_paths), int(ctl.arms), bool(st.pending()))
-            last, progress[key] = progress.get(key), now
-            if now[2]:
-                idle = False
-            if last != now or not now[2] or ctl.mask_depth != 0:
-                continue
-            try:
-                nudge(st)
-            except OSError:  # the thread is gone
-                pass
-        if idle:
-            progress.clear()
+        try:
+            idle = _scan(progress)
+        except Exception:  # (a MemoryError): scan again at the next interval
+            idle = False
+
+
+def _scan(progress: dict[int, tuple[int, int, bool]]) -> bool:
+    """One round of the watchdog; returns whether nothing was pending."""
+    with _active_lock:
+        states = list(_active)
+    idle = True
+    for st in states:
+        ctl = st.ctl
+        key = id(st)
+        # A reason that became pending since the last tick was delivered
+        # by whoever set it: wait a whole interval before repeating it.
+        now = (int(ctl.slow_paths), int(ctl.arms), bool(st.pending()))
+        last, progress[key] = progress.get(key), now
+        if now[2]:
+            idle = False
+        if last != now or not now[2] or ctl.mask_depth != 0:
+            continue
+        try:
+            nudge(st)
+        except OSError:  # the thread is gone
+            pass
+    if idle:
+        progress.clear()
+    return idle
 
 
 def _after_fork_in_child() -> None:
@@ -260,7 +270,7 @@ def _after_fork_in_child() -> None:
     open tasks in its at-fork handler)."""
     global _active_lock, _watchdog
     _active.clear()
-    _active_lock = threading.Lock()
+    _active_lock = threading.RLock()
     _watchdog = None
 
 

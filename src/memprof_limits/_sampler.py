@@ -155,8 +155,9 @@ class ThreadState:
             _on_main_state()
 
     def __del__(self) -> None:
-        # Runs in the owner thread when it exits (threading.local cleanup);
-        # elsewhere it does nothing, as that thread's TLS holds another ctl.
+        # Normally in the owner thread when it exits (threading.local
+        # cleanup); wherever it runs, no thread's TLS may keep pointing to
+        # the block (native/sampler.c, ml_detach_ctl).
         with contextlib.suppress(Exception):  # interpreter shutdown
             _c_detach_ctl(self.address)
 
@@ -391,6 +392,10 @@ def set_sampling_rate(rate: float) -> None:
     rc = _c_set_sampling_rate(float(rate))
     if rc:
         raise ValueError(_ERRORS[rc])
+
+
+def watch_restart() -> None:
+    lib.ml_watch_restart()
 
 
 def watch_sleep(interval_ns: int, idle: bool) -> None:
