@@ -589,8 +589,8 @@ class CellRunner:
 
         ``canonical`` (by default: when the cell has an allocation limit)
         starts the cell from the same collector state whatever ran before it
-        (:func:`canonical_collector`), so that the same cell allocates the
-        same bytes in a fresh kernel and in one that has run for hours.
+        (``canonical_collector`` in ``_cells.py``), so that what a front end
+        did between cells does not change the cell's allocation count.
         """
         limits = limits or self.limits
         if undoable:

@@ -116,6 +116,8 @@ class Kernel:
         self.km: KernelManager
         self.kc: BlockingKernelClient
         self.km, self.kc = start_new_kernel(kernel_name=name, startup_timeout=60, **kwargs)
+        #: iopub messages of a request read by wait_for_output, for collect.
+        self._held: list[dict[str, Any]] = []
 
     def close(self) -> None:
         self.kc.stop_channels()
@@ -134,11 +136,15 @@ class Kernel:
             msg = self.kc.get_shell_msg(timeout=max(0.01, deadline - time.monotonic()))
             if msg["parent_header"].get("msg_id") == msg_id:
                 reply = msg
+        held, self._held = self._held, []
         while not idle:
-            try:
-                msg = self.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"no idle status for {msg_id}") from None
+            if held:
+                msg = held.pop(0)
+            else:
+                try:
+                    msg = self.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise TimeoutError(f"no idle status for {msg_id}") from None
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             if msg["msg_type"] == "status":
@@ -147,18 +153,20 @@ class Kernel:
                 outputs.append(msg)
         return Reply(reply, outputs)
 
-    def wait_for_output(self, msg_id: str, text: str, timeout: float = 30.0) -> None:
-        """Wait until ``msg_id`` has printed ``text`` on stdout (the messages
-        read on the way are dropped)."""
+    def wait_for_output(self, msg_id: str, text: str, timeout: float = 30.0) -> bool:
+        """Wait until ``msg_id`` has printed ``text`` on stdout (True), or has
+        ended without printing it (False).  Its messages read on the way are
+        kept for :meth:`collect`; other requests' are dropped."""
         deadline = time.monotonic() + timeout
         while True:
             msg = self.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
-            if (
-                msg["parent_header"].get("msg_id") == msg_id
-                and msg["msg_type"] == "stream"
-                and text in msg["content"]["text"]
-            ):
-                return
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            self._held.append(msg)
+            if msg["msg_type"] == "stream" and text in msg["content"]["text"]:
+                return True
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return False
 
     def run(self, code: str, timeout: float = 30.0, **kwargs: Any) -> Reply:
         return self.collect(self.submit(code, **kwargs), timeout)

@@ -95,7 +95,7 @@ def test_interrupting_a_run_stops_the_count_and_rolls_it_back(any_kernel: Kernel
         "    while True: time.sleep(0.01)"
     )
     msg_id = k.submit(f"%%count_allocations 5\n{code}")
-    k.wait_for_output(msg_id, "looping")
+    assert k.wait_for_output(msg_id, "looping")
     k.interrupt_and_wait()
     r = k.collect(msg_id)
     assert r.status == "error" and r.content["ename"] == "Interrupted", r.content
