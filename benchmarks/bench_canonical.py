@@ -22,6 +22,7 @@ import gc
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import memprof_limits as ml
 from memprof_limits._cells import canonical_collector
@@ -29,8 +30,7 @@ from memprof_limits._cells import canonical_collector
 CELL = "kept = [(i, i) for i in range(100_000)]"
 
 
-def _median_s(fn: object, rounds: int) -> float:
-    assert callable(fn)
+def _median_s(fn: Callable[[], object], rounds: int) -> float:
     times = []
     for _ in range(rounds):
         t = time.perf_counter()

@@ -514,10 +514,9 @@ def _fill_free_lists() -> None:
     del junk
 
 
-def _count_after(before: object, canonical: bool | None = None) -> int:
+def _count_after(before: Callable[[], object], canonical: bool | None = None) -> int:
     runner = ml.CellRunner({}, limits=ml.CellLimits(allocations=10**9))
     ns: dict[str, object] = {}
-    assert callable(before)
     before()
     with runner.cell(canonical=canonical) as cell:
         assert isinstance(cell.run(lambda: exec(SEARCH, ns)), ml.Ok)
@@ -525,7 +524,9 @@ def _count_after(before: object, canonical: bool | None = None) -> int:
 
 
 @pytest.mark.parametrize("before", [gc.collect, _fill_free_lists, lambda: gc.collect(0)])
-def test_a_limited_cell_counts_the_same_whatever_the_collector_did_before(before: object) -> None:
+def test_a_limited_cell_counts_the_same_whatever_the_collector_did_before(
+    before: Callable[[], object],
+) -> None:
     """A full collection between cells empties CPython's free lists (a kernel's
     event loop runs one when its allocations say so): without the canonical
     state the same cell counted 119 KB more after one (3.12, a 9.7 MB cell)."""
