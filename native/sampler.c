@@ -43,8 +43,9 @@
  * regions, which call Python, live in masking.c. 
  *
  * RAW hooks run without the GIL: they count (with a per-thread reentrancy
- * guard so that pymalloc's fall-back to RAW for blocks > 512 bytes is not
- * counted twice) but never arm; they make the next allocation of any domain
+ * guard: what the OBJ/MEM allocator asks of RAW -- pymalloc's fall-back for
+ * blocks > 512 bytes, its own bookkeeping -- is not counted again) but never
+ * arm; they make the next allocation of any domain
  * take the slow path again, and the next MEM/OBJ allocation (GIL held) arms.
  *
  * The installed allocators keep the original ctx, and the state lives in
@@ -580,16 +581,24 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
 /* ------------------------------------------------------------------------ */
 /* Hooks.  ctx is the original allocator's ctx (see header comment).
  *
- * Fast path (no sample, no budget end in this allocation): take the bytes off
- * the countdown, then *tail-call* the original allocator: no stack frame, 9
- * instructions.  Otherwise the slow variant allocates first and counts after,
- * so that slow_path() sees the block (the profiler records it).  A request
- * that fails on the fast path was counted ("bytes requested").  pymalloc
- * hands requests of 0 or > 512 bytes (SMALL_REQUEST_THRESHOLD, 3.11-3.13) to
- * PyMem_RawMalloc, and the debug hooks (PYTHONMALLOC=debug) add up to 32
- * bytes of header first: requests of 0 or > 480 bytes take the slow variant,
- * whose reentrancy guard keeps the RAW hook from counting them twice. */
-#define ML_PYMALLOC_SMALL(n) ((size_t)(n) - 1 < 480)
+ * Fast path (no sample, no budget end, not a big block): take the bytes off
+ * the countdown and call the original allocator.  Otherwise the slow variant
+ * allocates first and counts after, so that slow_path() sees the block (the
+ * profiler records it).  A request that fails on the fast path was counted
+ * ("bytes requested").
+ *
+ * Both paths mark the call (T.reentrant): whatever the OBJ/MEM allocator
+ * itself asks of the RAW one is its own business, not the program's request.
+ * pymalloc hands requests of 0 or > 512 bytes to PyMem_RawMalloc (counted
+ * once, here), and it grows its own bookkeeping there when it maps a new
+ * arena: its table of arenas (PyMem_RawRealloc, as the heap grows past its
+ * previous peak) and a leaf of its radix tree of arenas (PyMem_RawCalloc of
+ * 128 KiB on 64-bit, the first time an arena lands in a 16 GiB region of the
+ * address space: where mmap puts it depends on ASLR).  Counted, the same
+ * cell counted 131072 bytes more in one fresh kernel in a few dozen.  The
+ * mark costs the tail call: ~4 instructions per allocation (callgrind,
+ * benchmarks/RESULTS.md). */
+#define ML_FAST_SIZE(n) ((size_t)(n) < (size_t)ML_BIG_ALLOC)
 static void *__attribute__((noinline)) obj_malloc_slow(void *ctx, size_t n)
 {
     T.reentrant++;
@@ -600,11 +609,14 @@ static void *__attribute__((noinline)) obj_malloc_slow(void *ctx, size_t n)
 }
 static void *h_obj_malloc(void *ctx, size_t n)
 {
-    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+    if (__builtin_expect(ML_FAST_SIZE(n), 1)) {
         int64_t left = T.countdown - (int64_t)n;
         if (__builtin_expect(left >= 0, 1)) {
             T.countdown = left;
-            return g_orig_obj.malloc(ctx, n);
+            T.reentrant++;
+            void *p = g_orig_obj.malloc(ctx, n);
+            T.reentrant--;
+            return p;
         }
     }
     return obj_malloc_slow(ctx, n);
@@ -620,11 +632,14 @@ static void *__attribute__((noinline)) obj_calloc_slow(void *ctx, size_t nelem, 
 static void *h_obj_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     size_t n = nelem * elsize;
-    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+    if (__builtin_expect(ML_FAST_SIZE(n), 1)) {
         int64_t left = T.countdown - (int64_t)n;
         if (__builtin_expect(left >= 0, 1)) {
             T.countdown = left;
-            return g_orig_obj.calloc(ctx, nelem, elsize);
+            T.reentrant++;
+            void *p = g_orig_obj.calloc(ctx, nelem, elsize);
+            T.reentrant--;
+            return p;
         }
     }
     return obj_calloc_slow(ctx, nelem, elsize);
@@ -639,11 +654,14 @@ static void *__attribute__((noinline)) mem_malloc_slow(void *ctx, size_t n)
 }
 static void *h_mem_malloc(void *ctx, size_t n)
 {
-    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+    if (__builtin_expect(ML_FAST_SIZE(n), 1)) {
         int64_t left = T.countdown - (int64_t)n;
         if (__builtin_expect(left >= 0, 1)) {
             T.countdown = left;
-            return g_orig_mem.malloc(ctx, n);
+            T.reentrant++;
+            void *p = g_orig_mem.malloc(ctx, n);
+            T.reentrant--;
+            return p;
         }
     }
     return mem_malloc_slow(ctx, n);
@@ -659,11 +677,14 @@ static void *__attribute__((noinline)) mem_calloc_slow(void *ctx, size_t nelem, 
 static void *h_mem_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     size_t n = nelem * elsize;
-    if (__builtin_expect(ML_PYMALLOC_SMALL(n), 1)) {
+    if (__builtin_expect(ML_FAST_SIZE(n), 1)) {
         int64_t left = T.countdown - (int64_t)n;
         if (__builtin_expect(left >= 0, 1)) {
             T.countdown = left;
-            return g_orig_mem.calloc(ctx, nelem, elsize);
+            T.reentrant++;
+            void *p = g_orig_mem.calloc(ctx, nelem, elsize);
+            T.reentrant--;
+            return p;
         }
     }
     return mem_calloc_slow(ctx, nelem, elsize);

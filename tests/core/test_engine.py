@@ -4,6 +4,7 @@ runs a task, with a clear error, and works once they are done."""
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -102,3 +103,85 @@ def test_a_subinterpreter_cannot_take_over_the_process_wide_callbacks(
         "main ok",
     ], proc.stdout
     assert proc.stderr == "", proc.stderr
+
+
+# The next anonymous mapping of 1 MiB (pymalloc's next arena) is made to land in a 16 GiB
+# region of the address space that nothing uses yet: pymalloc then needs a new leaf of its
+# radix tree of arenas (2**14 entries of 8 bytes: 64-bit, 1 MiB arenas, 3.11-3.13), as it does
+# now and then in a real process (where mmap puts a mapping depends on ASLR).
+FRESH_REGION = """
+import ctypes, gc, memprof_limits as ml
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+REGION, MiB = 1 << 34, 1 << 20
+PRIVATE_ANONYMOUS_NORESERVE = 0x02 | 0x20 | 0x4000
+
+def regions_in_use():
+    used = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            used.update(range(lo // REGION, (hi - 1) // REGION + 1))
+    return used
+
+def next_mapping_into_a_fresh_region():
+    # Fill the address space downwards with inaccessible 1 MiB mappings (adjacent ones merge)
+    # until one lands in a fresh region, and unmap that one: the next mapping takes its place.
+    used = regions_in_use()
+    while True:
+        a = libc.mmap(None, MiB, 0, PRIVATE_ANONYMOUS_NORESERVE, -1, 0)
+        assert a is not None and a != 2**64 - 1, "mmap failed"
+        if not {a // REGION, (a + MiB - 1) // REGION} & used:
+            libc.munmap(a, MiB)
+            return used
+
+def counted(n):
+    before = ml.allocated_bytes()
+    keep = [(i, i) for i in range(n)]  # small objects: new arenas
+    return ml.allocated_bytes() - before, keep
+
+gc.disable()  # what the collector did before is another matter (_cells.canonical_collector)
+ml.start()
+"""
+
+
+def test_where_mmap_puts_the_heap_does_not_change_the_count(python: Callable[..., Any]) -> None:
+    """pymalloc's own bookkeeping is not the program's request: the same work counts the same
+    bytes whether pymalloc grew its radix tree of arenas for it or not (131072 bytes more
+    before: the same cell, in one fresh kernel in a few dozen -- a kernel determinism test
+    failed in CI on 3.12 and 3.13)."""
+    python(
+        FRESH_REGION
+        + textwrap.dedent(
+            """
+        counted(200_000)  # the tuple free list filled, as for the runs below
+        plain = [counted(200_000)[0] for _ in range(2)]
+        used = next_mapping_into_a_fresh_region()
+        fresh, keep = counted(200_000)
+        # The setup did what it says: the work's arenas went to the fresh region.
+        assert set(regions_in_use()) - used, "no arena in a fresh region"
+        assert plain == [fresh, fresh], (plain, fresh)
+        """
+        )
+    )
+
+
+def test_growing_the_heap_past_its_peak_does_not_change_the_count(
+    python: Callable[..., Any],
+) -> None:
+    """pymalloc's table of arenas grows (doubling) when the heap grows past its peak: not the
+    program's request either (3,072 and 18,432 bytes more before, 3.11)."""
+    python(
+        FRESH_REGION
+        + textwrap.dedent(
+            """
+        counted(200_000)  # the tuple free list filled, as for the runs below
+        for n in (400_000, 1_600_000):
+            at_peak = counted(n)[0]  # the heap grows past its previous peak: a bigger table
+            again = counted(n)[0]
+            assert at_peak == again, (n, at_peak, again)
+        """
+        )
+    )

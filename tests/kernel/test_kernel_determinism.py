@@ -114,7 +114,9 @@ TUPLES_STEP = "%%limits allocations=50MB\nsplits = len(sequents(14))"
 # and 168 on 3.12 on a quiet machine, 16 on 3.13 with three busy loops on two cores -- since
 # limited cells start from the canonical collector state, the watchdog runs no Python while
 # nothing is pending and the kernel waits for its I/O thread before a limited cell (600-700
-# bytes before the last, and once 131 KB before the first); docs/kernel.md, "Determinism".
+# bytes before the last; and once in a few dozen kernels 131072 bytes, a leaf of pymalloc's
+# radix tree of arenas, which is no longer counted: tests/core/test_engine.py); docs/kernel.md,
+# "Determinism".
 TUPLE_SLACK = 1024
 
 
@@ -136,8 +138,7 @@ def test_what_the_kernel_did_between_cells_does_not_change_the_count() -> None:
     """A full collection between cells (the kernel's event loop runs one when its own
     allocations say so) empties CPython's free lists; filling them is the other extreme.  A
     cell under an allocation limit starts from the same collector state after either: it
-    counted 119 KB more after a collection before (3.12, this 9.7 MB step).  (Small junk: a
-    heap grown bigger before would have paid pymalloc's table of arenas for the step.)"""
+    counted 119 KB more after a collection before (3.12, this 9.7 MB step)."""
     counts = []
     for before in ("import gc\ngc.collect()", "junk = [(i,) for i in range(5000)]\ndel junk"):
         k = Kernel(MESSAGE)
