@@ -6,7 +6,7 @@ median of ``--rounds``, for heaps of N tracked objects (lists of one int):
 
 1. ``canonical_collector()`` itself: the O(1) path (nothing frozen: freeze,
    collect, unfreeze) next to a plain ``gc.collect()`` (the path taken when
-   objects are frozen already, and on CPython 3.12 always);
+   the program froze objects);
 2. a limited cell that allocates 100 000 small tuples (and keeps them): its
    wall time with the canonical state and without it (``canonical=False``).
    The O(1) path resets the collector's estimate of the old generation, so

@@ -69,6 +69,16 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "Command (per version): `.venvs/3.X/bin/python benchmarks/run_all.py --only delivery "
         "--write-results`",
     ),
+    "bench_dask.py": (
+        "Dask",
+        "Limited tasks on a Dask cluster (issue 15). `benchmarks/bench_dask.py`: batches of small\n"
+        "tasks on a `LocalCluster` of 2 worker processes x 1 thread with `LimitsPlugin`, plain\n"
+        "and in each mode of `limited`, interleaved; tasks per second and the ratio of the\n"
+        "batch's time to the plain batch's, medians over rounds; then what the canonical\n"
+        "collector state costs per task in a worker.\n\n"
+        "Command (per version): `.venvs/3.X/bin/python benchmarks/run_all.py --only dask "
+        "--write-results`",
+    ),
 }
 
 

@@ -3,11 +3,12 @@
     python docs/build_api.py            # (re)write docs/api.md
     python docs/build_api.py --check    # exit 1 if docs/api.md is not up to date
 
-Documents everything in ``memprof_limits.__all__``, ``memprof_limits.stats``
-and, when it exists, ``memprof_limits.memprof``: signatures from ``inspect``,
-text from the docstrings, converted from their reST-ish markup (``code``,
-:func:`roles`, doctests, ``Args:`` sections) to Markdown.  Names that are not
-in a section below still get documented, under "Other".
+Documents everything in ``memprof_limits.__all__``, ``memprof_limits.stats``,
+``memprof_limits.memprof`` and ``memprof_limits.dask`` (when Dask is installed):
+signatures from ``inspect``, text from the docstrings, converted from their
+reST-ish markup (``code``, :func:`roles`, doctests, ``Args:`` sections) to
+Markdown.  Names that are not in a section below still get documented, under
+"Other".
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
 EXTRA_MODULES = [
     ("memprof_limits.stats", "Statistics: the formulas of [statistical.md](statistical.md)."),
     ("memprof_limits.memprof", "The statistical allocation profiler (`%memprof`)."),
+    ("memprof_limits.dask", "Limited tasks on Dask distributed ([dask.md](dask.md))."),
 ]
 
 
@@ -208,9 +210,11 @@ def _own_members(cls: type) -> list[tuple[str, Any]]:
     return members
 
 
-def document(name: str, obj: Any, anchors: set[str], level: int = 3) -> list[str]:
+def document(
+    name: str, obj: Any, anchors: set[str], level: int = 3, anchor: str | None = None
+) -> list[str]:
     hashes = "#" * level
-    out = [f'<a id="{name.lower()}"></a>', ""]
+    out = [f'<a id="{anchor or name.lower()}"></a>', ""]
     if inspect.isclass(obj):
         if issubclass(obj, BaseException):
             bases = ", ".join(b.__name__ for b in obj.__bases__)
@@ -305,10 +309,16 @@ def build() -> str:
     for title, _, names in sections:
         links = ", ".join(f"[`{n}`](#{n.lower()})" for n in names)
         lines.append(f"- **{title}**: {links}")
+    def anchor_in(modname: str, name: str) -> str:
+        """A name that is also one of ``memprof_limits``' gets its module's prefix."""
+        prefix = modname.replace(".", "-") + "-" if name in exported else ""
+        return (prefix + name).lower()
+
     for modname, _, module in extra:
         anchor = modname.replace(".", "-").lower()
-        lines.append(f"- [`{modname}`](#{anchor}): " + ", ".join(
-            f"[`{n}`](#{n.lower()})" for n in getattr(module, "__all__", [])))  # fmt: skip
+        names = getattr(module, "__all__", [])
+        links = ", ".join(f"[`{n}`](#{anchor_in(modname, n)})" for n in names)
+        lines.append(f"- [`{modname}`](#{anchor}): {links}")
     lines.append("")
     for title, blurb, names in sections:
         lines += [f"## {title}", ""]
@@ -323,7 +333,9 @@ def build() -> str:
         if doc:
             lines += [_demote(markdown(doc, anchors)), ""]
         for name in getattr(module, "__all__", []):
-            lines += document(name, getattr(module, name), anchors)
+            lines += document(
+                name, getattr(module, name), anchors, anchor=anchor_in(modname, name)
+            )
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
 

@@ -1,6 +1,6 @@
 """The tutorial notebooks, written as code so that they can be reviewed.
 
-    python notebooks/build.py                 # write all six, executed with our kernel
+    python notebooks/build.py                 # write them all, executed with our kernel
     python notebooks/build.py 02 05           # only these (prefixes of the names)
     python notebooks/build.py --no-execute    # sources only, no outputs
 
@@ -1337,6 +1337,156 @@ def nb06() -> NotebookNode:
     ])  # fmt: skip
 
 
+# -- 07 -----------------------------------------------------------------------------------------
+
+
+def nb07() -> NotebookNode:
+    return notebook("07", [
+        md("""
+        # 7. A proof farm on Dask
+
+        When a batch of proof steps outgrows one process, run the steps on a
+        [Dask](https://distributed.dask.org) cluster -- here a `LocalCluster` of two worker
+        processes on this machine; the same code runs on many machines (at the end).
+
+        Plain Dask has two problems for steps that may run away: a step that eats memory gets
+        its whole worker process killed by the nanny (with every other task of that worker),
+        and a running step cannot be stopped -- `future.cancel()` forgets its result, but the
+        worker's thread runs it to the end. `memprof_limits.dask` runs each step as a limited
+        task on its worker: a budget of allocations (deterministic fuel, as in notebook 2), the
+        worker process's memory limit, a timeout, and cancellation.
+        """),
+        code(PROVER, name="prover"),
+        md("""
+        ## The cluster
+
+        `LimitsPlugin()` is registered once: in every worker process (and in workers that join
+        later) it starts the engine and sets a global memory limit below the nanny's kill
+        threshold -- 90 % of the worker's memory limit. `PYTHONHASHSEED` is fixed in the
+        workers so that the same step counts the same bytes in every one of them.
+        """),
+        code("""
+        import logging, os
+        from distributed import Client, LocalCluster
+        import memprof_limits as ml
+        from memprof_limits.dask import LimitsPlugin, limited
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="1GB",
+                               dashboard_address=":0", env={"PYTHONHASHSEED": "0"},
+                               silence_logs=logging.CRITICAL)
+        client = Client(cluster)
+        client.register_plugin(LimitsPlugin())
+        workers = {address: f"w{i}" for i, address in enumerate(sorted(client.run(os.getpid)))}
+        for address, limit in sorted(client.run(ml.get_global_memory_limit).items()):
+            print(workers[address], "memory limit", ml.format_bytes(limit))
+        """, name="cluster"),
+        md("""
+        ## A batch of proof steps under a budget
+
+        Each step proves `chain(n)` with a budget of 10 MB of allocations. `limited(...,
+        report=True)` returns the value with a report: the exact bytes the step allocated and
+        the worker it ran on. A step that runs out of fuel is an ordinary task error, raised
+        by `future.result()` with the same report.
+        """),
+        code("""
+        step = limited(prove_formula, allocations="10MB", report=True)
+        futures = {n: client.submit(step, chain(n), pure=False) for n in range(8, 15)}
+        for n, future in futures.items():
+            try:
+                size, report = future.result()
+                print(f"chain({n}): proved, {size} sequents, "
+                      f"{report.allocated_bytes} bytes on {workers[report.worker]}")
+            except ml.AllocationLimitExceeded as e:
+                print(f"chain({n}): out of fuel after {e.report.allocated_bytes} bytes "
+                      f"on {workers[e.report.worker]}")
+        """, name="batch"),
+        md("""
+        The same step counts the same bytes on either worker, to within a few objects: the
+        worker's own threads (its event loop handles the scheduler's messages while a step
+        runs) take small objects from CPython's free lists and give them back, and this prover
+        makes millions of small tuples. Budgets need a margin of a few kilobytes, not of a
+        factor (docs/dask.md, "Determinism"):
+        """),
+        code("""
+        for address, name in workers.items():
+            _, report = client.submit(step, chain(12), workers=[address], pure=False).result()
+            print(name, report.allocated_bytes)
+        """, name="same-on-both"),
+        md("""
+        ## A step that eats memory
+
+        Without the plugin, the nanny would kill the worker process at 95 % of its memory
+        limit. With it, the step is interrupted at 90 %, its memory is given back, and the
+        worker process -- the same one -- takes the next step.
+        """),
+        code("""
+        def blow_up():
+            keep = []
+            while True:
+                keep.append(bytearray(10**7))
+
+        pids = client.run(os.getpid)
+        try:
+            client.submit(limited(blow_up), pure=False).result()
+        except ml.MemoryLimitExceeded as e:
+            print(type(e).__name__, "on", workers[e.report.worker], "after",
+                  ml.format_bytes(e.report.allocated_bytes), "of allocations")
+        print("same worker processes:", client.run(os.getpid) == pids)
+        """, name="hog"),
+        md("""
+        ## Steps that never end
+
+        A step that loops without allocating is stopped by its `timeout`; a step that is
+        cancelled (`future.cancel()`, or `client.cancel`) is interrupted on its worker, and
+        the worker's only thread is free for the next step at once.
+        """),
+        code("""
+        import time
+        from distributed import Event
+
+        def loop(started=None):
+            if started:
+                Event(started).set()
+            while True:
+                pass
+
+        try:
+            client.submit(limited(loop, timeout=1), pure=False).result()
+        except ml.Cancelled as e:
+            print(str(e).split(" (")[0])
+
+        running = client.submit(limited(loop), "loop-started", pure=False)
+        Event("loop-started").wait()
+        start = time.monotonic()
+        running.cancel()
+        print("next steps:", client.gather(client.map(prove_formula, [chain(3)] * 4, pure=False)),
+              f"{time.monotonic() - start:.1f} s after the cancel")
+        """, name="runaway"),
+        md("""
+        ## On several machines
+
+        Start a scheduler on one machine and workers on the others (one process per core, one
+        thread each), then connect to the scheduler instead of making a `LocalCluster`:
+
+        ```sh
+        dask scheduler --port 8786
+        dask worker tcp://SCHEDULER:8786 --nworkers 2 --nthreads 1 --memory-limit 4GB
+        ```
+
+        ```python
+        client = Client("tcp://SCHEDULER:8786")
+        client.register_plugin(LimitsPlugin())
+        ```
+
+        The workers need `memprof-limits[dask]` installed. More in docs/dask.md.
+        """),
+        code("""
+        client.close()
+        cluster.close()
+        """, name="close"),
+    ])  # fmt: skip
+
+
 NOTEBOOKS: dict[str, Callable[[], NotebookNode]] = {
     "01-memory-limits": nb01,
     "02-allocation-limits": nb02,
@@ -1344,6 +1494,7 @@ NOTEBOOKS: dict[str, Callable[[], NotebookNode]] = {
     "04-interrupt-safety": nb04,
     "05-statistics": nb05,
     "06-profiling": nb06,
+    "07-dask-proof-farm": nb07,
 }
 
 

@@ -4,7 +4,7 @@
 #   bash scripts/test.sh [options] [pytest args...]
 #
 # For each CPython 3.11-3.13 that pyenv has (3.11 at least), in .venvs/<X.Y>:
-#   install the project editable with [dev,kernel,repl] (this compiles the cffi sampler; a
+#   install the project editable with [dev,kernel,repl,dask] (this compiles the cffi sampler; a
 #   change under native/ forces a clean rebuild), then pytest, then CPython's own regression
 #   tests with the engine started (scripts/cpython_regrtest.py). ruff and mypy run once, on
 #   the first version. Debian packages the tests need are installed first when missing.
@@ -287,7 +287,7 @@ with open("pyproject.toml", "rb") as f:
     print("\n".join(tomllib.load(f)["build-system"]["requires"]))
 EOF
     "$venv/bin/python" -m pip install -q -r "$venv/.build-requires" || return 1
-    "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[dev,kernel,repl]" || return 1
+    "$venv/bin/python" -m pip install -q --no-build-isolation -e ".[dev,kernel,repl,dask]" || return 1
     echo "$stamp" >"$venv/.native-stamp"
     "$venv/bin/python" -c 'import memprof_limits; print("import memprof_limits: ok,", memprof_limits.__file__)'
 }

@@ -47,6 +47,7 @@ from __future__ import annotations
 import builtins
 import gc
 import re
+import sys
 import threading
 import time
 import weakref
@@ -355,18 +356,22 @@ def canonical_collector() -> None:
     splice) and unfrozen after, into the oldest generation.  The price: the
     collector's estimate of the old generation's size is reset too, so the
     first ~70 000 container allocations after it end in one full collection.
-    When objects are frozen already (a pre-fork server's ``gc.freeze()``;
-    CPython 3.12 starts with 375 immortal tuples frozen), unfreezing would
-    undo that: a plain full collection (O(heap)) is made instead, which
-    leaves frozen objects alone.  docs/design.md, "Deterministic counts".
-    Known failure case: another thread that calls ``gc.freeze()`` while the
-    collection runs (finalizers release the GIL) has its freeze undone.
+    When the program froze objects (a pre-fork server's ``gc.freeze()``),
+    unfreezing would undo that: a plain full collection (O(heap)) is made
+    instead, which leaves frozen objects alone.  CPython 3.12 freezes
+    immortal objects itself (375 tuples); those do not count as frozen by
+    the program (no collection can free an immortal object).
+    docs/design.md, "Deterministic counts".  Known failure cases: another
+    thread that calls ``gc.freeze()`` while the collection runs (finalizers
+    release the GIL) has its freeze undone, and so has a program that froze
+    objects before importing the library (3.12 only: they are taken for
+    CPython's own).
 
     >>> import gc
     >>> canonical_collector(); gc.get_count()[1:]  # (the line itself counts in generation 0)
     (0, 0)
     """
-    if gc.get_freeze_count():
+    if gc.get_freeze_count() > _CPYTHON_FROZEN:  # the program froze objects: they stay frozen
         gc.collect()
         return
     try:
@@ -374,6 +379,14 @@ def canonical_collector() -> None:
         gc.collect()
     finally:
         gc.unfreeze()
+
+
+#: The objects CPython 3.12 keeps frozen itself: every collection moves the immortal objects
+#: it meets to the permanent generation (update_refs in gcmodule.c), the tuples of its static
+#: types (375 from the start) -- objects no collection can free, frozen or not, so the
+#: canonical state unfreezes them with the rest.  Counted when this module is first imported:
+#: objects a program froze before importing the library are counted with them.
+_CPYTHON_FROZEN = gc.get_freeze_count() if sys.version_info[:2] == (3, 12) else 0
 
 
 class Cell:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -277,3 +278,78 @@ def test_the_search_of_serve_md_runs_as_shown(tmp_path: Path) -> None:
         check=True,
     )
     assert proc.stdout == shown.group(1)
+
+
+def _digits_equal(text: str) -> list[str]:
+    """Byte counts differ from run to run (free lists, docs/dask.md "Determinism")."""
+    return re.sub(r"\b\d{4,}\b", "N", text).splitlines()
+
+
+def test_the_example_of_dask_md_runs_as_shown(tmp_path: Path) -> None:
+    import subprocess
+
+    pytest.importorskip("distributed")
+    page = (ROOT / "docs" / "dask.md").read_text()
+    code = re.search(r"## On one machine\n\n```python\n(.*?)```", page, re.S)
+    shown = re.search(r"prints \(CPython [^)]*\)\n\n```text\n(.*?)```", page, re.S)
+    assert code and shown
+    script = tmp_path / "example.py"  # a file: the workers (spawned) import __main__ from it
+    script.write_text(code.group(1))
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _digits_equal(proc.stdout) == _digits_equal(shown.group(1)), proc.stdout
+
+
+def test_the_commands_of_dask_md_for_several_machines_work(tmp_path: Path) -> None:
+    """The scheduler and worker commands as written (on this machine, on a free port)."""
+    import shlex
+    import socket
+    import subprocess
+
+    pytest.importorskip("distributed")
+    page = (ROOT / "docs" / "dask.md").read_text()
+    section = page.split("## On several machines", 1)[1].split("\n## ", 1)[0]
+    commands = re.search(r"```sh\n(.*?)```", section, re.S)
+    client_code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert commands and client_code
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def local(text: str) -> str:
+        return text.replace("SCHEDULER", "127.0.0.1").replace("8786", str(port))
+
+    bin_dir = Path(sys.executable).parent
+    procs = []
+    try:
+        for line in commands.group(1).strip().splitlines():
+            argv = shlex.split(local(line))
+            argv[0] = str(bin_dir / argv[0])  # the dask of this interpreter
+            procs.append(
+                subprocess.Popen(
+                    argv, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+            time.sleep(2 if len(procs) == 1 else 0)  # the scheduler listens first
+        code = local(client_code.group(1)) + (
+            "\nclient.wait_for_workers(2, timeout=60)"
+            "\nfrom memprof_limits import get_global_memory_limit"
+            "\nprint(sorted(client.run(get_global_memory_limit).values()))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # 45, then the limit the plugin set in both worker processes: 90 % of 4 GB.
+        assert proc.stdout.splitlines() == ["45", "[3600000000, 3600000000]"], proc.stdout
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -470,3 +470,29 @@ def test_notebook_03_runs_unattended_with_the_documented_command(
     assert text(cells["03-counter-after"]).strip() == "-1"
     assert only_error(cells["03-sleep"], "Interrupted")
     assert text(cells["03-sleep-after"]).strip() == "False"
+
+
+# -- 07 -----------------------------------------------------------------------------------------
+
+
+def test_07_proof_steps_on_a_cluster(executed: Any) -> None:
+    run = executed("07-dask-proof-farm")
+    limits = text(run.cell("07-cluster")).splitlines()
+    assert len(limits) == 2 and limits[0].split()[1:] == limits[1].split()[1:], limits
+    assert limits[0].endswith("858.3 MiB"), limits  # 90 % of the workers' 1 GB
+    batch = text(run.cell("07-batch")).splitlines()
+    assert [line.split(":")[0] for line in batch] == [f"chain({n})" for n in range(8, 15)]
+    for line in batch[:5]:
+        assert "proved" in line, batch
+    for line in batch[5:]:
+        m = re.search(r"out of fuel after (\d+) bytes on w[01]$", line)
+        assert m and 10_000_000 < int(m.group(1)) < 10_100_000, batch
+    counts = [int(line.split()[1]) for line in text(run.cell("07-same-on-both")).splitlines()]
+    assert len(counts) == 2 and counts[0] > 7_000_000 and abs(counts[0] - counts[1]) <= 2048
+    hog = text(run.cell("07-hog"))
+    assert re.match(r"MemoryLimitExceeded on w[01] after", hog), hog
+    assert "same worker processes: True" in hog, hog
+    runaway = text(run.cell("07-runaway")).splitlines()
+    assert runaway[0] == "timeout of 1 s reached", runaway
+    m = re.fullmatch(r"next steps: \[30, 30, 30, 30\] ([\d.]+) s after the cancel", runaway[1])
+    assert m and float(m.group(1)) < 1.0, runaway
