@@ -9,7 +9,7 @@ cancellation of running tasks, across worker processes and machines.
     >>> future.result()                                      # doctest: +SKIP
     45
 
-(Executed, with a real cluster, in ``docs/dask.md`` and ``tests/dask/``.)
+(Executed, with a real cluster, in ``docs/dask.md`` and ``tests/core/test_dask.py``.)
 
 The problem
 -----------
@@ -62,6 +62,16 @@ Known failure cases
   per process: concurrent tasks share CPython's free lists.
 - A task stuck in C code that does not allocate (``time.sleep(1e6)``, a
   blocking read) is interrupted when it returns to Python.
+- One allocation bigger than the room between the plugin's limit and the
+  nanny's (5 % of the worker's memory limit by default) that touches its
+  pages at once (``b"x" * n``, ``np.ones(n)``) can still get the worker
+  killed: the block is charged before its pages are touched, but the task is
+  interrupted when the allocation returns (measured: 100 MB blocks in a
+  400 MB worker).  Give big blocks room (``LimitsPlugin(memory=...)``).
+- ``peak_rss_bytes`` is read at the task's samples and at its end: a big
+  block allocated and freed between two samples is missed.
+- The memory limit is the process's: a worker whose stored results keep it
+  over the limit fails every watched task (the one that runs is blamed).
 - ``async def`` functions are refused (use
   :func:`~memprof_limits.limit_async` inside them).
 """
@@ -131,7 +141,8 @@ class TaskReport:
 
     Attributes:
         allocated_bytes: the bytes the task requested from CPython's allocators
-            (exact; the same on every worker for the same task and Python).
+            (exact; the same on every worker for the same task, Python and hash
+            seed, within a few objects: docs/dask.md, "Determinism").
         peak_rss_bytes: the worker process's peak resident memory while the
             task ran (the whole process: other threads' tasks included).
         wall_time_s: the task's wall-clock time, in seconds.
@@ -279,7 +290,7 @@ def limited(
     """
     if not callable(fn):
         raise TypeError(f"fn: expected a function, got {fn!r}")
-    if inspect.iscoroutinefunction(fn):
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise TypeError(
             f"fn: {fn!r} is an async function; limited() runs plain functions "
             "(inside a coroutine, use memprof_limits.limit_async)"
@@ -294,9 +305,12 @@ def limited(
     if timeout is not None:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise TypeError(f"timeout: expected a number of seconds, got {timeout!r}")
-        if not (timeout > 0 and math.isfinite(timeout)):
+        try:
+            timeout_s = float(timeout)
+        except OverflowError:  # an int beyond floats
+            timeout_s = math.inf
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
             raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
-        timeout_s = float(timeout)
     if not isinstance(report, bool):
         raise TypeError(f"report: expected True or False, got {report!r}")
     if deterministic is None:
@@ -362,6 +376,10 @@ class _Running:
         with self._lock:
             self._cancelled.discard(key)
 
+    def forget_cancelled(self) -> None:
+        with self._lock:
+            self._cancelled.clear()
+
     def sizes(self) -> tuple[int, int]:
         """(tasks registered, keys remembered as cancelled): for the tests."""
         with self._lock:
@@ -380,16 +398,15 @@ class _Deadlines:
         self._cond = threading.Condition(threading.Lock())
         self._due: dict[int, tuple[float, _Control]] = {}
         self._next_id = 0
-        self._pid = -1
+        self._thread: threading.Thread | None = None
 
     def add(self, timeout_s: float, control: _Control) -> int:
         with self._cond:
-            if self._pid != os.getpid():  # first use, or a fork child (the thread is gone)
-                self._pid = os.getpid()
-                self._due.clear()
-                threading.Thread(
+            if self._thread is None or not self._thread.is_alive():  # first use, or it died
+                self._thread = threading.Thread(
                     target=self._loop, name="memprof-limits-deadlines", daemon=True
-                ).start()
+                )
+                self._thread.start()
             self._next_id += 1
             self._due[self._next_id] = (time.monotonic() + timeout_s, control)
             self._cond.notify()
@@ -404,9 +421,8 @@ class _Deadlines:
             return len(self._due)
 
     def _loop(self) -> None:
-        pid = os.getpid()
         with self._cond:
-            while self._pid == pid:
+            while True:
                 now = time.monotonic()
                 for handle, (deadline, control) in list(self._due.items()):
                     if deadline <= now:
@@ -447,6 +463,17 @@ class _Peak:
 
 
 _peak = _Peak()
+
+
+def _forget_in_fork_child() -> None:
+    """No task of the parent runs in the child (the library's rule for fork): its
+    registrations, deadlines and peak go, with locks the forking thread did not hold."""
+    _running.__init__()  # type: ignore[misc]
+    _deadlines.__init__()  # type: ignore[misc]
+    _peak.__init__()  # type: ignore[misc]
+
+
+os.register_at_fork(after_in_child=_forget_in_fork_child)
 
 
 def _worker_address() -> str | None:
@@ -520,7 +547,17 @@ def _run_limited(task: Limited[Any], args: tuple[Any, ...], kwargs: dict[str, An
     )
     if isinstance(result, Error):
         raise _stopped(task, scope, result.exc, report)
-    return (result.value, report) if task.report else result.value
+    value = result.value
+    if inspect.isawaitable(value) or inspect.isasyncgen(value):
+        close = getattr(value, "aclose", None) or getattr(value, "close", None)
+        if inspect.iscoroutine(value) and close is not None:
+            close()  # (an async generator's aclose() is itself a coroutine: left to the GC)
+        raise TypeError(
+            f"{task.fn!r} returned {type(value).__name__} {value!r}: limited() runs plain "
+            "functions, and limits only what the call itself does (inside a coroutine, use "
+            "memprof_limits.limit_async)"
+        )
+    return (value, report) if task.report else value
 
 
 def _stopped(
@@ -575,7 +612,6 @@ class LimitsPlugin(WorkerPlugin):
     """
 
     name = "memprof-limits"
-    idempotent = True
 
     def __init__(self, memory: int | str | None = None) -> None:
         if memory == "off":
@@ -585,17 +621,24 @@ class LimitsPlugin(WorkerPlugin):
         else:
             self.memory = parse_bytes(memory, what="memory limit")
         self.limit_bytes: int | None = None  # set on the worker
+        self._previous: int | None = None
 
     def __repr__(self) -> str:
         return f"LimitsPlugin(memory={self.memory!r})"
 
     def setup(self, worker: Any) -> None:
+        # (Registered again, e.g. with another limit, Dask tears the old one down first.)
         _sampler.ensure_started()
+        self._previous = get_global_memory_limit()
         self.limit_bytes = worker_memory_limit(self.memory, worker)
         set_global_memory_limit(self.limit_bytes)
 
     def teardown(self, worker: Any) -> None:
-        set_global_memory_limit(None)
+        # Workers of one process (processes=False) share its limit: give back the limit
+        # found at setup only if it is still this plugin's.
+        if get_global_memory_limit() == self.limit_bytes:
+            set_global_memory_limit(self._previous)
+        _running.forget_cancelled()
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         # The worker cannot stop a running task: it moves it from executing to

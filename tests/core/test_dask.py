@@ -311,6 +311,7 @@ def test_limited_keeps_the_functions_name_for_dask() -> None:
         ({"timeout": float("inf")}, ValueError, "positive number of seconds"),
         ({"timeout": "1s"}, TypeError, "timeout: expected a number of seconds, got '1s'"),
         ({"timeout": True}, TypeError, "timeout: expected a number of seconds"),
+        ({"timeout": 10**400}, ValueError, "positive number of seconds"),
         ({"report": 1}, TypeError, "report: expected True or False"),
         ({"deterministic": "yes"}, TypeError, "deterministic: expected None, True or False"),
     ],
@@ -327,8 +328,27 @@ def test_an_async_function_is_refused() -> None:
     async def coro() -> None:
         pass
 
-    with pytest.raises(TypeError, match=r"async function.*limit_async"):
-        limited(coro)
+    async def agen() -> Any:
+        yield 1
+
+    for fn in (coro, agen):
+        with pytest.raises(TypeError, match=r"async function.*limit_async"):
+            limited(fn)
+
+
+def test_a_function_that_returns_a_coroutine_is_an_error() -> None:
+    """Only the call is limited, not the coroutine it returns: said at once, not later."""
+
+    async def coro() -> int:
+        return 1
+
+    class AsyncCallable:
+        async def __call__(self) -> int:
+            return 1
+
+    for fn in (lambda: coro(), AsyncCallable()):
+        with pytest.raises(TypeError, match=r"returned coroutine.*limit_async"):
+            limited(fn)()
 
 
 def test_memory_true_needs_a_limit_in_the_process() -> None:
@@ -426,3 +446,52 @@ def test_a_cancellation_that_arrives_after_the_task_ended_touches_nothing() -> N
     assert mld._running.sizes() == (0, 1)
     plugin.transition("late", "cancelled", "released")
     assert mld._running.sizes() == (0, 0)
+
+
+def test_registering_the_plugin_again_changes_the_limit(client: Client) -> None:
+    try:
+        client.register_plugin(LimitsPlugin(memory="200 MB"))
+        assert {s["limit"] for s in client.run(state_of_the_process).values()} == {200 * 10**6}
+        client.register_plugin(LimitsPlugin(memory="off"))
+        assert {s["limit"] for s in client.run(state_of_the_process).values()} == {None}
+    finally:
+        client.register_plugin(LimitsPlugin())
+    limits = {s["limit"] for s in client.run(state_of_the_process).values()}
+    assert limits == {int(WORKER_MEMORY * mld.DEFAULT_FRACTION)}, limits
+
+
+def test_teardown_gives_back_the_limit_and_forgets_cancellations() -> None:
+    plugin = LimitsPlugin(memory="300 MB")
+    worker = FakeWorker(None)
+    ml.set_global_memory_limit("1 GB")
+    try:
+        plugin.setup(worker)
+        assert ml.get_global_memory_limit() == 300 * 10**6
+        plugin.transition("stale", "executing", "released")
+        plugin.teardown(worker)
+        assert ml.get_global_memory_limit() == 10**9
+        assert mld._running.sizes() == (0, 0)
+    finally:
+        ml.set_global_memory_limit(None)
+
+
+def test_a_fork_child_forgets_the_parents_tasks(python: Any) -> None:
+    python(
+        """
+        import os
+        from memprof_limits import dask as mld
+
+        def fork_inside():
+            pid = os.fork()
+            if pid == 0:
+                state = (mld._running.sizes(), len(mld._deadlines), mld._peak._tasks)
+                ok = state == ((0, 0), 0, 0) and mld.limited(len, timeout=5)("abc") == 3
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            return os.waitstatus_to_exitcode(status)
+
+        from distributed.utils import set_thread_state
+        with set_thread_state(key="parent-task"):
+            assert mld.limited(fork_inside, timeout=60)() == 0
+        """
+    )
