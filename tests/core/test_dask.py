@@ -33,6 +33,17 @@ from memprof_limits.dask import LimitsPlugin, TaskReport, TaskStopped, limited  
 WORKER_MEMORY = 600 * 10**6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def environment_given_back() -> Iterator[None]:
+    """Dask's nanny sets variables in the environment of the process that starts it (its
+    ``pre-spawn-environ``: ``PYTHONHASHSEED=6640``, ``MALLOC_TRIM_THRESHOLD_``...) before
+    spawning a worker: the kernels that later tests start would inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def client() -> Iterator[Client]:
     # The workers cannot import this module: its functions travel by value.
