@@ -543,6 +543,69 @@ static PyObject *b_wrap_signal_handler(PyObject *mod, PyObject *handler)
     return PyCFunction_New(&g_signal_handler_def, handler);
 }
 
+/* wrap_installed_handlers(): every Python handler installed now, wrapped
+ * (_signals.install, once).  In C, because the handlers are not wrapped yet:
+ * a pending one runs at the first bytecode boundary and may raise, and a
+ * Python loop stopped half-way left SIGALRM's raising handler unwrapped for
+ * good -- later it broke masked regions (a lock held, a scope left open).
+ * No bytecode runs here; a signal that arrives meanwhile waits for the next
+ * check, by then wrapped.  What the handlers of signals pending at our
+ * explicit check (or at _signal.signal's own) raise is raised at the end,
+ * chained, once every handler is wrapped.  Main thread only. */
+static PyObject *b_wrap_installed_handlers(PyObject *mod, PyObject *unused)
+{
+    PyObject *sigmod = PyImport_ImportModule("_signal");
+    if (sigmod == NULL) return NULL;
+    PyObject *get = PyObject_GetAttrString(sigmod, "getsignal");
+    PyObject *set = get ? PyObject_GetAttrString(sigmod, "signal") : NULL;
+    Py_DECREF(sigmod);
+    if (set == NULL) {
+        Py_XDECREF(get);
+        return NULL;
+    }
+    PyObject *raised = NULL;   /* what handlers raised meanwhile */
+    for (int sig = 1; sig <= 64; sig++) {
+        for (int round = 0; round < ML_FLUSH_ROUNDS; round++) {
+            if (PyErr_CheckSignals() < 0) {   /* an unwrapped handler raised */
+                chain_other(&raised, PyErr_GetRaisedException());
+                continue;
+            }
+            PyObject *h = PyObject_CallFunction(get, "i", sig);
+            if (h == NULL) {   /* not a valid signal number here */
+                PyErr_Clear();
+                break;
+            }
+            int todo = PyCallable_Check(h) && !(PyCFunction_Check(h) &&
+                        ((PyCFunctionObject *)h)->m_ml == &g_signal_handler_def);
+            PyObject *w = todo ? PyCFunction_New(&g_signal_handler_def, h) : NULL;
+            Py_DECREF(h);
+            if (!todo) break;
+            PyObject *r = w ? PyObject_CallFunction(set, "iO", sig, w) : NULL;
+            Py_XDECREF(w);
+            if (r != NULL) {
+                Py_DECREF(r);
+                break;
+            }
+            /* Not settable (OSError, ValueError, RuntimeError): left as it is,
+             * as signal.signal would.  Anything else is a handler's, run by
+             * signal()'s own check for pending signals: wrapped next round. */
+            if (PyErr_ExceptionMatches(PyExc_OSError) || PyErr_ExceptionMatches(PyExc_ValueError) ||
+                PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+                PyErr_Clear();
+                break;
+            }
+            chain_other(&raised, PyErr_GetRaisedException());
+        }
+    }
+    Py_DECREF(get);
+    Py_DECREF(set);
+    if (raised != NULL) {
+        PyErr_SetRaisedException(raised);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* os.register_at_fork(after_in_child=...): runs in the child, before any
  * Python code of ours; an interrupt armed in the parent just before the fork
  * is dropped (no limit of the parent applies), then Python resets its state. */
@@ -728,6 +791,8 @@ static PyMethodDef g_builtins[] = {
      "Put gc_first at the head of gc.callbacks and gc_last twice at its tail."},
     {"take_deferred_signals", b_take_deferred_signals, METH_NOARGS,
      "The signals deferred in this masked region, forgotten (bit n-1: signal n)."},
+    {"wrap_installed_handlers", b_wrap_installed_handlers, METH_NOARGS,
+     "Wrap every installed Python signal handler (main thread, no bytecode boundary)."},
     {NULL, NULL, 0, NULL},
 };
 

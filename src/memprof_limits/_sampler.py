@@ -123,6 +123,7 @@ _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py,
     gc_last,
     gc_guard,
     take_deferred_signals,
+    wrap_installed_handlers,
 ) = _fn("ml_builtins", _py)()
 _instancemethod = ctypes.pythonapi.PyInstanceMethod_New
 _instancemethod.argtypes = [_py]

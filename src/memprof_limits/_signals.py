@@ -44,7 +44,11 @@ replaced (once the main thread first uses the library) by versions that
 wrap and unwrap: ``getsignal`` and the value returned by ``signal`` are
 always the user's own handler, so saving and restoring handlers works as
 before.  The handlers already installed at that moment (the default
-``SIGINT`` handler, say) are wrapped then.
+``SIGINT`` handler, say) are wrapped then, in C: until they are, a pending
+one runs at the next bytecode boundary and may raise, and a Python loop
+stopped half-way by it once left a raising ``SIGALRM`` handler unwrapped
+for good.  A handler that raises while they are wrapped has its exception
+raised once all are (from the library's first use, before it did anything).
 
 Known failure cases
 -------------------
@@ -112,16 +116,15 @@ def install() -> None:
     global _installed
     if _installed or threading.current_thread() is not threading.main_thread():
         return
-    _installed = True
+    # Until the wrapping is done, a handler may raise at any bytecode boundary
+    # (here, before the library does anything): so the replacement comes
+    # first and is idempotent, the wrapping happens in C (no boundary), and
+    # the flag is set last -- a raise before it means the next main-thread
+    # state installs again, never "installed" with a handler left unwrapped.
     signal.signal = _signal  # type: ignore[assignment]
     signal.getsignal = _getsignal  # type: ignore[assignment]
-    for signum in signal.valid_signals():
-        handler = _original_getsignal(signum)
-        if callable(handler) and not _is_wrapper(handler):
-            try:
-                _original_signal(signum, wrap(handler))  # type: ignore[arg-type]
-            except (OSError, ValueError, RuntimeError):  # not settable here
-                pass
+    _sampler.wrap_installed_handlers()
+    _installed = True
 
 
 def run_deferred_now() -> None:

@@ -459,6 +459,50 @@ def test_a_cancellation_that_arrives_after_the_task_ended_touches_nothing() -> N
     assert mld._running.sizes() == (0, 0)
 
 
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(), reason="signals: main thread"
+)
+def test_a_raising_signal_handler_never_leaves_a_registration_behind() -> None:
+    """A ``SIGALRM`` handler raising ``KeyboardInterrupt`` at every moment of a limited call
+    (before, while registering, running, ending, after): no registration, deadline or peak
+    count is left behind, and the next call runs.  Found by this stress: a handler left unwrapped
+    by the library's own installation broke the registrations' masked regions (a registration
+    left behind, once a lock held for good: test_signals.py has the fix's test)."""
+    import signal
+
+    from distributed.utils import set_thread_state
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    task = limited(strings, allocations="100 MB", timeout=100)
+    saved = signal.signal(signal.SIGALRM, handler)
+    interrupted = 0
+    try:
+        for delay_us in range(1, 3000, 7):
+            with set_thread_state(key=("alarm", delay_us)):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, delay_us / 1e6)
+                    task(2000)
+                    time.sleep(0.004)
+                except KeyboardInterrupt:
+                    interrupted += 1
+                while True:  # (the alarm may still be pending)
+                    try:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                        break
+                    except KeyboardInterrupt:
+                        pass
+            assert mld._running.sizes() == (0, 0), delay_us
+            assert (len(mld._deadlines), mld._peak._tasks) == (0, 0), delay_us
+            assert ml._sampler.thread_state().scopes == [], delay_us
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved)
+    assert interrupted > 100, interrupted
+    assert task(10) == 10
+
+
 def test_registering_the_plugin_again_changes_the_limit(client: Client) -> None:
     try:
         client.register_plugin(LimitsPlugin(memory="200 MB"))

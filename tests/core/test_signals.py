@@ -209,6 +209,74 @@ def test_getsignal_and_signal_return_the_users_handler(handlers: None) -> None:
     assert signal.getsignal(signal.SIGINT) in (signal.default_int_handler, signal.SIG_IGN)
 
 
+def test_a_handler_raising_while_the_library_wraps_handlers_is_wrapped_anyway(
+    python: Callable[..., Any],
+) -> None:
+    """A raising ``SIGALRM`` handler installed before the library's first use, its alarm landing
+    at every moment of that first use (creating the main thread's state, wrapping the handlers
+    installed so far): the user's ``KeyboardInterrupt`` comes out, and the handler ends up
+    wrapped all the same, so no masked region is ever broken by it.  Before, a raise half-way
+    through the (Python) wrapping loop marked the library installed with ``SIGALRM`` unwrapped
+    for good: a later alarm broke a masked region (a lock held, a scope left open; found by a
+    Dask stress, issue 15).  Each round puts the process back as before its first use."""
+    proc = python(
+        """
+        import signal, threading, time, traceback
+        import memprof_limits as ml
+        from memprof_limits import _sampler, _signals
+
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        kept = []
+        def as_before_first_use():
+            signal.signal = _signals._original_signal
+            signal.getsignal = _signals._original_getsignal
+            _signals._installed = False
+            _signals._original_signal(signal.SIGALRM, handler)
+            old = _sampler._local.__dict__.pop("state", None)
+            if old is not None:  # (kept alive: the watchdog may still hold it)
+                _sampler._c_detach_ctl(old.address)
+                kept.append(old)
+
+        lock = threading.Lock()
+        def use():
+            with ml.protect(lock):
+                pass
+            ml.limit_allocations(lambda: bytearray(10), limit=10**6)
+
+        in_install = rounds = 0
+        while in_install < 3 and rounds < 6:
+            rounds += 1
+            for delay_us in range(1, 600, 2):
+                as_before_first_use()
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, delay_us / 1e6)
+                    use()
+                    time.sleep(0.001)
+                except KeyboardInterrupt as e:
+                    names = {f.name for f in traceback.extract_tb(e.__traceback__)}
+                    in_install += bool(names & {"install", "__init__"})
+                while True:  # the alarm may still be pending: the wrapped handler raises
+                    try:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                        use()
+                        break
+                    except KeyboardInterrupt:
+                        pass
+                wrapped = _signals._original_getsignal(signal.SIGALRM)
+                assert _signals._is_wrapper(wrapped), (delay_us, wrapped)
+                st = _sampler.thread_state()
+                assert not lock.locked() and st.scopes == [], delay_us
+                assert (st.ctl.active, st.ctl.mask_depth, st.ctl.pending) == (0, 0, 0), delay_us
+        assert in_install >= 3, (in_install, rounds)  # the sweep reached the wrapping
+        print("ok")
+        """,
+        timeout=300,
+    )
+    assert proc.stdout == "ok\n", proc
+
+
 # -- recursion ---------------------------------------------------------------------------------
 
 
