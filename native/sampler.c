@@ -141,6 +141,7 @@ static int64_t g_peak_rss;                /* atomic max */
 static volatile int g_track_rss;          /* read RSS at samples even with no limit */
 static int64_t g_over_rss;                /* atomic: RSS read when a limit was last found exceeded */
 static int64_t g_over_block;              /* atomic: the big block counted in with it, or 0 */
+static int64_t g_refused_blocks;          /* atomic: big blocks refused (refuse_big_block) */
 static int64_t g_rss_reads;               /* atomic */
 
 /* Exception classes and Python callables: see internal.h.  Set once with
@@ -563,6 +564,48 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
     }
 }
 
+/* A new big block for a task watched by the global memory limit, which the
+ * process cannot hold within it (RSS + block > limit): refused before it is
+ * allocated -- the caller raises MemoryError, as on a machine out of memory --
+ * and the task's interrupt wanted for memory.  Charged after the allocation
+ * (slow_path), the block was already there: b"x" * n and np.ones(n) touch
+ * every page before Python runs again, so the process went past its limit
+ * (and a Dask worker past the nanny's, which kills it) before the interrupt
+ * could land.  Not while masked (the library's bookkeeping and a task's
+ * release code must not fail), nor for a task whose value is being dropped
+ * (memory_quiet).  The refused bytes are not counted: nothing was given.
+ * Returns 1 if refused.  RAW and NumPy hooks may run without the GIL: then
+ * the next allocation arms, as in slow_path.  Reads only the caller's own
+ * control block (its owner thread). */
+static int __attribute__((noinline)) refuse_big_block(size_t n, int domain)
+{
+    ml_tls_t *t = &T;
+    ml_ctl_t *ctl = t->ctl;
+    int64_t limit = g_global_limit;
+    if (ctl == NULL || limit < 0 || !g_started || t->state == 2 || ctl->watch_global <= 0 ||
+        ctl->active <= 0 || ctl->mask_depth > 0 || ctl->memory_quiet)
+        return 0;
+    int64_t rss = read_rss();
+    if (rss < 0 || (uint64_t)rss + n <= (uint64_t)limit) return 0;
+    __atomic_store_n(&g_over_rss, rss, __ATOMIC_RELAXED);
+    __atomic_store_n(&g_over_block, n > INT64_MAX ? INT64_MAX : (int64_t)n, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&g_refused_blocks, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_or(&ctl->pending, ML_REASON_MEMORY, __ATOMIC_SEQ_CST);
+    ml_pending_changed();
+    int64_t pending = ml_effective_pending(ctl);
+    if (pending) {
+        if (domain != ML_DOMAIN_RAW) {
+            arm_current_thread(ctl, pending, NULL, 1);
+        } else if (t->state == 1) {   /* no GIL: come back at the next allocation */
+            t->consumed = allocated_now(t);
+            t->period = t->countdown = 0;
+        }
+    }
+    return 1;
+}
+#define ML_REFUSED(n, domain) \
+    (__builtin_expect((int64_t)(n) >= ML_BIG_ALLOC, 0) && refuse_big_block((n), (domain)))
+
 /* Blocks of ML_BIG_ALLOC bytes or more always take the slow path, where a
  * watched global memory limit is checked against the RSS plus the block. */
 #define ML_COUNT(p, n, domain)                                                  \
@@ -601,6 +644,7 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
 #define ML_FAST_SIZE(n) ((size_t)(n) < (size_t)ML_BIG_ALLOC)
 static void *__attribute__((noinline)) obj_malloc_slow(void *ctx, size_t n)
 {
+    if (ML_REFUSED(n, ML_DOMAIN_OBJ)) return NULL;
     T.reentrant++;
     void *p = g_orig_obj.malloc(ctx, n);
     T.reentrant--;
@@ -623,6 +667,7 @@ static void *h_obj_malloc(void *ctx, size_t n)
 }
 static void *__attribute__((noinline)) obj_calloc_slow(void *ctx, size_t nelem, size_t elsize)
 {
+    if (ML_REFUSED(nelem * elsize, ML_DOMAIN_OBJ)) return NULL;
     T.reentrant++;
     void *p = g_orig_obj.calloc(ctx, nelem, elsize);
     T.reentrant--;
@@ -646,6 +691,7 @@ static void *h_obj_calloc(void *ctx, size_t nelem, size_t elsize)
 }
 static void *__attribute__((noinline)) mem_malloc_slow(void *ctx, size_t n)
 {
+    if (ML_REFUSED(n, ML_DOMAIN_MEM)) return NULL;
     T.reentrant++;
     void *p = g_orig_mem.malloc(ctx, n);
     T.reentrant--;
@@ -668,6 +714,7 @@ static void *h_mem_malloc(void *ctx, size_t n)
 }
 static void *__attribute__((noinline)) mem_calloc_slow(void *ctx, size_t nelem, size_t elsize)
 {
+    if (ML_REFUSED(nelem * elsize, ML_DOMAIN_MEM)) return NULL;
     T.reentrant++;
     void *p = g_orig_mem.calloc(ctx, nelem, elsize);
     T.reentrant--;
@@ -709,6 +756,7 @@ static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
 }
 static void *__attribute__((noinline)) raw_malloc_slow(void *ctx, size_t n)
 {
+    if (ML_REFUSED(n, ML_DOMAIN_RAW)) return NULL;
     void *p = g_orig_raw.malloc(ctx, n);
     if (p) ML_COUNT(p, n, ML_DOMAIN_RAW);
     return p;
@@ -725,6 +773,7 @@ static void *h_raw_malloc(void *ctx, size_t n)
 }
 static void *__attribute__((noinline)) raw_calloc_slow(void *ctx, size_t nelem, size_t elsize)
 {
+    if (ML_REFUSED(nelem * elsize, ML_DOMAIN_RAW)) return NULL;
     void *p = g_orig_raw.calloc(ctx, nelem, elsize);
     if (p) ML_COUNT(p, nelem * elsize, ML_DOMAIN_RAW);
     return p;
@@ -778,6 +827,7 @@ static ml_np_allocator_t g_np_orig;     /* set before patching, never changed af
  * buffer a second time. */
 static void *np_malloc(void *ctx, size_t n)
 {
+    if (ML_REFUSED(n, ML_DOMAIN_RAW)) return NULL;
     T.reentrant++;
     void *p = g_np_orig.malloc(ctx, n);
     T.reentrant--;
@@ -786,6 +836,7 @@ static void *np_malloc(void *ctx, size_t n)
 }
 static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
+    if (ML_REFUSED(nelem * elsize, ML_DOMAIN_RAW)) return NULL;
     T.reentrant++;
     void *p = g_np_orig.calloc(ctx, nelem, elsize);
     T.reentrant--;
@@ -1099,6 +1150,7 @@ void ml_reset_peak_rss(void) { __atomic_store_n(&g_peak_rss, 0, __ATOMIC_RELAXED
 void ml_set_track_rss(int on) { g_track_rss = on; }
 int64_t ml_over_rss(void) { return __atomic_load_n(&g_over_rss, __ATOMIC_RELAXED); }
 int64_t ml_over_block(void) { return __atomic_load_n(&g_over_block, __ATOMIC_RELAXED); }
+int64_t ml_refused_blocks(void) { return __atomic_load_n(&g_refused_blocks, __ATOMIC_RELAXED); }
 int64_t ml_rss_reads(void) { return __atomic_load_n(&g_rss_reads, __ATOMIC_RELAXED); }
 
 void ml_record_samples(int64_t *buf, int64_t n)

@@ -179,6 +179,7 @@ void ml_set_track_rss(int on);
  * the limit), or 0. */
 int64_t ml_over_rss(void);
 int64_t ml_over_block(void);
+int64_t ml_refused_blocks(void);   /* big blocks refused so far (refuse_big_block) */
 int64_t ml_rss_reads(void);
 
 /* Sampler test support: records the byte positions of the current thread's

@@ -73,7 +73,7 @@ from . import _exceptions, _sampler
 from ._delivery import REDELIVERY_INTERVAL_S
 from ._exceptions import Interrupted
 from ._result import Error, Ok
-from ._scope import LimitScope, _describe_scope
+from ._scope import LimitScope, _describe_scope, _limit_error
 from ._token import Token
 from ._units import parse_bytes
 
@@ -218,7 +218,7 @@ class _Driver:
                 if kind == _RAISED:
                     if self.reached is None or isinstance(value, asyncio.CancelledError):
                         raise value
-                    return Error(value)
+                    return Error(_limit_error(self.reached, value))
                 if self.reached is not None:
                     # Sticky: the coroutine swallowed the interrupt and awaits.
                     # Abandon what it awaits, let the loop turn once, deliver again.

@@ -100,6 +100,7 @@ _c_reset_peak_rss = _fn("ml_reset_peak_rss", None)
 _c_set_track_rss = _fn("ml_set_track_rss", None, ctypes.c_int)
 _c_over_rss = _fn("ml_over_rss", _i64)
 _c_over_block = _fn("ml_over_block", _i64)
+_c_refused_blocks = _fn("ml_refused_blocks", _i64)
 _c_numpy_patched = _fn("ml_numpy_patched", ctypes.c_int)
 _c_record_samples = _fn("ml_record_samples", None, _vp, _i64)
 _c_recorded_samples = _fn("ml_recorded_samples", _i64)
@@ -440,9 +441,16 @@ def over_limit_rss_bytes() -> int:
 
 
 def over_limit_block_bytes() -> int:
-    """The block being allocated counted in with that RSS (0 if none): blocks of
-    1 MiB or more are checked before their pages are touched."""
+    """The block requested counted in with that RSS (0 if none): blocks of
+    1 MiB or more are checked before their pages are touched (and refused if
+    the process cannot hold them within the limit)."""
     return int(_c_over_block())
+
+
+def refused_blocks() -> int:
+    """How many big blocks were refused so far because the process could not
+    hold them within the global memory limit (the caller raised MemoryError)."""
+    return int(_c_refused_blocks())
 
 
 def set_track_rss(on: bool) -> None:

@@ -211,7 +211,10 @@ class LimitScope:
 
     Args:
         memory: interrupt while the process exceeds the global memory limit
-            (:func:`set_global_memory_limit`).
+            (:func:`set_global_memory_limit`).  A single block of 1 MiB or
+            more that the process cannot hold within the limit is refused
+            before its pages are touched: the allocating call raises
+            ``MemoryError``, which the scope treats as its interrupt.
         allocations: allocation budget in bytes (int or ``"500 MB"``).
         token: a :class:`Token` whose ``set()`` interrupts the block.
 
@@ -413,7 +416,11 @@ class LimitScope:
             error = RuntimeError(problem)
             error.__context__ = ev
             raise error
-        return reason is not None and isinstance(ev, Interrupted)
+        # Its own interrupt is the scope's to stop; so is a MemoryError once the memory
+        # limit is reached: a big block refused for it (native/sampler.c, refuse_big_block).
+        return reason is not None and (
+            isinstance(ev, Interrupted) or (reason == "memory" and isinstance(ev, MemoryError))
+        )
 
     # -- helpers (masked) --------------------------------------------------
 
@@ -640,12 +647,24 @@ def _run(scope: LimitScope, task: Callable[[], T]) -> Ok[T] | Error:
                 # limit again.  That is this task's, not an outer scope's.
                 scope._state.clear_pending(REASON_MEMORY)
                 scope._state.ctl.memory_quiet = 1  # until bracket drops the value
-            return Error(exc if exc is not None else scope._interrupt())
+            return Error(_limit_error(scope, exc) if exc is not None else scope._interrupt())
         if exc is not None:
             raise exc
         return Ok(value)
 
     return _sampler.bracket(scope._ml_enter, lambda _scope: task(), release)  # type: ignore[no-any-return]
+
+
+def _limit_error(scope: LimitScope, exc: BaseException) -> BaseException:
+    """What a task that reached ``scope``'s limit raised, as its ``Error``: a
+    ``MemoryError`` is the memory limit's -- a big block refused because the
+    process could not hold it within the limit (native/sampler.c,
+    refuse_big_block) -- and becomes the library's interrupt (chained)."""
+    if scope.reason != "memory" or not isinstance(exc, MemoryError):
+        return exc
+    interrupt = _exceptions.MemoryLimitExceeded(_describe("memory"))
+    interrupt.__context__ = exc
+    return interrupt
 
 
 def limit_global_memory(task: Callable[[], T]) -> Ok[T] | Error:
@@ -744,7 +763,7 @@ def _describe(reason: str) -> str:
         # The figure read when the limit was found exceeded: by the time the
         # exception is created (late on 3.11) the task's memory may be gone.
         block = _sampler.over_limit_block_bytes()
-        with_block = f" with a block of {format_bytes(block)} being allocated" if block else ""
+        with_block = f" with a block of {format_bytes(block)} requested" if block else ""
         return (
             f"global memory limit of {format_bytes(_global_limit or 0)} exceeded "
             f"(resident memory {format_bytes(_sampler.over_limit_rss_bytes())}{with_block})"

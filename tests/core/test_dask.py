@@ -154,6 +154,37 @@ def test_a_memory_hog_is_stopped_and_its_worker_lives_on(client: Client) -> None
     assert again.result(timeout=30) == 10
 
 
+def one_block(n: int) -> int:
+    return len(b"x" * n)  # every page touched before Python runs again
+
+
+def numpy_block(n: int) -> int:
+    import numpy as np
+
+    return int(np.ones(n // 8).nbytes)
+
+
+@pytest.mark.parametrize("make", [one_block, numpy_block])
+def test_one_block_past_the_nannys_threshold_is_refused(client: Client, make: Any) -> None:
+    """One allocation bigger than the room between the plugin's limit and the nanny's (5 % of
+    the worker's memory, here 30 MB) whose pages are touched at once: before, the worker was
+    killed by the nanny before the interrupt could land (measured: 100 MB blocks in a 400 MB
+    worker).  Now the block is refused before its pages are touched: the task's call raises,
+    the task gets MemoryLimitExceeded, the worker never held the block (same pid, RSS low)."""
+    if make is numpy_block:
+        pytest.importorskip("numpy")
+    before = pids(client)
+    for n in (int(WORKER_MEMORY * 0.95), WORKER_MEMORY * 2, 10**12):
+        future = client.submit(limited(make), n, pure=False)
+        with pytest.raises(ml.MemoryLimitExceeded) as info:
+            future.result(timeout=60)
+        report = info.value.report
+        assert report.reason == "memory" and report.peak_rss_bytes < WORKER_MEMORY * 0.5, report
+        assert "requested" in str(info.value), info.value
+    assert pids(client) == before
+    assert client.submit(limited(make), 10 * 2**20, pure=False).result(timeout=30) > 0
+
+
 def test_an_allocation_limit_is_an_error_with_the_figures(client: Client) -> None:
     future = client.submit(limited(strings, allocations="1 MB"), 10**6, pure=False)
     with pytest.raises(ml.AllocationLimitExceeded) as info:
