@@ -20,6 +20,8 @@ What does not work, and why
   (``b"x" * 2**30``, ``np.ones(10**8)``) is sampled before its pages are
   touched, when the resident memory has not grown yet, and nothing samples
   after it: the task returned ``Ok`` and the next, innocent task was blamed.
+  Charging it right after the allocation is too late too: the C call that
+  allocated it touches every page before the interrupt can land.
 - A stack of scopes per *thread* for code that is suspended and resumed:
   the scopes of two asyncio tasks held across ``await`` (or of two
   generators held across ``yield``) interleave on one thread.  Closing
@@ -37,7 +39,10 @@ The solution
   the global limit while the scope was the innermost watching it, or the
   process is over the limit when the scope closes (one RSS read, ~1 us, only
   for a memory scope while a global limit is set).  This is OCaml's
-  ``result_of_token``.
+  ``result_of_token``.  A block of 1 MiB or more that the process cannot
+  hold within the limit is refused by the engine before it is allocated:
+  the allocating call raises ``MemoryError``, which a scope whose memory
+  limit was reached treats as its interrupt (``_limit_error``).
 - Opening and closing run masked, entered from C (``_sampler.bracket`` for
   the functions, ``_sampler.masked_methods`` for the context manager): there
   is no bytecode boundary between the task's end and the masked close, and

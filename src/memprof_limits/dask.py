@@ -62,12 +62,12 @@ Known failure cases
   per process: concurrent tasks share CPython's free lists.
 - A task stuck in C code that does not allocate (``time.sleep(1e6)``, a
   blocking read) is interrupted when it returns to Python.
-- One allocation bigger than the room between the plugin's limit and the
-  nanny's (5 % of the worker's memory limit by default) that touches its
-  pages at once (``b"x" * n``, ``np.ones(n)``) can still get the worker
-  killed: the block is charged before its pages are touched, but the task is
-  interrupted when the allocation returns (measured: 100 MB blocks in a
-  400 MB worker).  Give big blocks room (``LimitsPlugin(memory=...)``).
+- A block bigger than the room between the plugin's limit and the nanny's
+  (5 % of the worker's memory limit by default) is refused before its pages
+  are touched if it comes from CPython's or NumPy's allocators (the task gets
+  ``MemoryLimitExceeded``); memory from elsewhere (a C library's own
+  ``malloc``, ``mmap``) touched in one C call can still get the worker
+  killed.  Give such tasks room (``LimitsPlugin(memory=...)``).
 - ``peak_rss_bytes`` is read at the task's samples and at its end: a big
   block allocated and freed between two samples is missed.
 - The memory limit is the process's: a worker whose stored results keep it

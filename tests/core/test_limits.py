@@ -539,6 +539,65 @@ def test_a_task_that_ends_over_the_memory_limit_gets_the_error(kind: str) -> Non
     assert run_python(BIG_ALLOCATION_SCRIPT.format(kind=kind)).stdout.strip() == "ok"
 
 
+def test_a_big_block_is_refused_only_to_a_task_watching_the_limit() -> None:
+    """A block the process cannot hold within the global limit is refused before its pages are
+    touched -- but only to a task watching the limit, outside masked regions: code outside a
+    task, a task without ``memory=True``, another thread, and a release (which must not fail)
+    get their block.  Refused in every form: the function forms' ``Error``, ``LimitScope``
+    (suppressed like its interrupt), ``limit_async``; a caught ``MemoryError`` is still the
+    limit's.  (Fresh process: its RSS is under control.)"""
+    proc = run_python(
+        """
+        import asyncio, threading, memprof_limits as ml
+        from memprof_limits import _sampler
+        MiB = 2**20
+        ml.start()
+        ml.limit_global_memory(lambda: None)
+        ml.set_global_memory_limit(_sampler.rss_bytes() + 100 * MiB)
+        n = 300 * MiB
+
+        assert len(b"x" * n) == n  # outside a task
+        assert isinstance(ml.limit_allocations(lambda: len(bytes(n)), limit=10**10), ml.Ok)
+        out = []
+        t = threading.Thread(target=lambda: out.append(len(b"x" * n)))
+        def watched_while_another_thread_allocates():
+            t.start()
+            t.join()
+        ml.limit_global_memory(watched_while_another_thread_allocates)
+        assert out == [n], out
+        sizes = []
+        def task():
+            with ml.resource(lambda: None, lambda _r: sizes.append(len(b"x" * n))):
+                pass
+        ml.limit_global_memory(task)
+        assert sizes == [n], sizes
+        assert _sampler.refused_blocks() == 0
+
+        r = ml.limit_global_memory(lambda: len(b"x" * n))
+        assert isinstance(r, ml.Error) and isinstance(r.exc, ml.MemoryLimitExceeded), r
+        assert isinstance(r.exc.__context__, MemoryError) and "requested" in str(r.exc), r.exc
+        with ml.LimitScope(memory=True) as scope:
+            b"x" * n
+        assert scope.reason == "memory" and isinstance(scope.exception, MemoryError), scope
+        def catches():
+            try:
+                return len(b"x" * n)
+            except MemoryError:
+                return "caught"
+        r = ml.limit_global_memory(catches)
+        assert isinstance(r, ml.Error) and isinstance(r.exc, ml.MemoryLimitExceeded), r
+        async def coroutine():
+            return len(b"x" * n)
+        r = asyncio.run(ml.limit_async(coroutine(), memory=True))
+        assert isinstance(r, ml.Error) and isinstance(r.exc, ml.MemoryLimitExceeded), r
+        assert _sampler.refused_blocks() == 4
+        assert isinstance(ml.limit_global_memory(lambda: len(bytes(10 * MiB))), ml.Ok)
+        print("ok")
+        """
+    )
+    assert proc.stdout == "ok\n", proc
+
+
 def test_global_limit_accessors() -> None:
     ml.set_global_memory_limit("1 GiB")
     assert ml.get_global_memory_limit() == 2**30
