@@ -68,8 +68,9 @@ Known failure cases
   ``MemoryLimitExceeded``); memory from elsewhere (a C library's own
   ``malloc``, ``mmap``) touched in one C call can still get the worker
   killed.  Give such tasks room (``LimitsPlugin(memory=...)``).
-- ``peak_rss_bytes`` is read at the task's samples and at its end: a big
-  block allocated and freed between two samples is missed.
+- ``peak_rss_bytes`` is read at the task's samples, at its end, and from
+  the kernel's high-water mark of the process: a block allocated and freed
+  between two samples is missed only if the process had been bigger before.
 - The memory limit is the process's: a worker whose stored results keep it
   over the limit fails every watched task (the one that runs is blamed).
 - ``async def`` functions are refused (use
@@ -82,6 +83,7 @@ import dataclasses
 import inspect
 import math
 import os
+import resource
 import threading
 import time
 import traceback
@@ -438,25 +440,39 @@ class _Deadlines:
 _deadlines = _Deadlines()
 
 
+def _high_water_mark_bytes() -> int:
+    """The process's peak resident memory since it started (the kernel's
+    high-water mark: ``ru_maxrss``, KiB on Linux; one system call)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class _Peak:
     """The process's peak resident memory since the oldest running limited
-    task started (the engine keeps one peak per process)."""
+    task started (the engine keeps one peak per process).  The engine reads
+    the RSS at samples; a block allocated and freed between two samples is
+    seen by the kernel's high-water mark, when it set a new one: it is then
+    the peak (exact), else the samples' figure is."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tasks = 0
+        self._mark_at_start = 0
 
     def task_started(self) -> None:
         with self._lock:
             if self._tasks == 0:
                 _sampler.reset_peak_rss()
                 _sampler.set_track_rss(True)
+                self._mark_at_start = _high_water_mark_bytes()
             self._tasks += 1
 
     def task_ended(self) -> int:
         with self._lock:
             self._tasks -= 1
             peak = max(_sampler.peak_rss_bytes(), _sampler.rss_bytes())
+            mark = _high_water_mark_bytes()
+            if mark > self._mark_at_start:  # a new high since the oldest task started
+                peak = max(peak, mark)
             if self._tasks == 0:
                 _sampler.set_track_rss(False)
             return peak

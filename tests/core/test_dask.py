@@ -581,3 +581,24 @@ def test_a_fork_child_forgets_the_parents_tasks(python: Any) -> None:
             assert mld.limited(fork_inside, timeout=60)() == 0
         """
     )
+
+
+def test_the_peak_sees_a_block_freed_between_two_samples(python: Any) -> None:
+    """A 200 MB block allocated and freed with no sample in between (a big block is read
+    before its pages are touched; the end reads the RSS after it is gone): the kernel's
+    high-water mark of the process sees it.  Fresh interpreter: no older, higher peak."""
+    python(
+        """
+        from memprof_limits import dask as mld
+
+        def spike():
+            block = b"x" * (200 * 2**20)
+            del block
+            return "done"
+
+        value, report = mld.limited(spike, report=True)()
+        assert value == "done" and report.peak_rss_bytes > 200 * 2**20, report
+        value, report = mld.limited(len, report=True)("abc")  # an older peak: not this task's
+        assert report.peak_rss_bytes < 150 * 2**20, report
+        """
+    )
