@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import inspect
 import os
 import sys
 import threading
@@ -270,7 +269,7 @@ def init_native(describe: Callable[[str], str]) -> None:
     # Their construction runs masked from C (native/masking.c, quiet_call).
     init = _exceptions.Interrupted.__init__
     quiet_init = functools.partial(_quiet_call, init)
-    quiet_init.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
+    quiet_init.__wrapped__ = init  # type: ignore[attr-defined]  # (inspect.signature: init's)
     _exceptions.Interrupted.__init__ = _instancemethod(quiet_init)  # type: ignore[method-assign]
     set_ = _set_classes(
         _exceptions.Interrupted,
@@ -433,6 +432,23 @@ def peak_rss_bytes() -> int:
 
 def reset_peak_rss() -> None:
     _c_reset_peak_rss()
+
+
+def high_water_mark_bytes() -> int | None:
+    """The process's peak resident memory since it started (``VmHWM``, the
+    kernel's own: it sees what no sample saw), or ``None`` outside Linux.
+    Not ``getrusage``'s ``ru_maxrss``: across ``exec`` it keeps the peak of
+    the process before (a worker spawned by a big parent starts at its peak)."""
+    try:
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 8192)
+        finally:
+            os.close(fd)
+        start = data.index(b"VmHWM:") + 6
+        return int(data[start : data.index(b"kB", start)]) * 1024
+    except (OSError, ValueError):
+        return None
 
 
 def over_limit_rss_bytes() -> int:

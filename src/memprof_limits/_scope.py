@@ -90,7 +90,6 @@ Known failure cases
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import sys
 from collections.abc import Callable
@@ -170,7 +169,9 @@ def release_memory() -> int:
 
 def _find_libc() -> Any:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The process's own symbols (CPython is linked with the C library); not
+        # ctypes.util.find_library, which imports subprocess, shutil and tempfile.
+        libc = ctypes.CDLL(None)
         libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only
         return libc
     except (OSError, AttributeError):

@@ -83,7 +83,6 @@ import dataclasses
 import inspect
 import math
 import os
-import resource
 import threading
 import time
 import traceback
@@ -440,12 +439,6 @@ class _Deadlines:
 _deadlines = _Deadlines()
 
 
-def _high_water_mark_bytes() -> int:
-    """The process's peak resident memory since it started (the kernel's
-    high-water mark: ``ru_maxrss``, KiB on Linux; one system call)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 class _Peak:
     """The process's peak resident memory since the oldest running limited
     task started (the engine keeps one peak per process).  The engine reads
@@ -456,23 +449,24 @@ class _Peak:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tasks = 0
-        self._mark_at_start = 0
+        self._mark_at_start: int | None = None
 
     def task_started(self) -> None:
         with self._lock:
             if self._tasks == 0:
                 _sampler.reset_peak_rss()
                 _sampler.set_track_rss(True)
-                self._mark_at_start = _high_water_mark_bytes()
+                self._mark_at_start = _sampler.high_water_mark_bytes()
             self._tasks += 1
 
     def task_ended(self) -> int:
         with self._lock:
             self._tasks -= 1
             peak = max(_sampler.peak_rss_bytes(), _sampler.rss_bytes())
-            mark = _high_water_mark_bytes()
-            if mark > self._mark_at_start:  # a new high since the oldest task started
-                peak = max(peak, mark)
+            mark = _sampler.high_water_mark_bytes()
+            if mark is not None and self._mark_at_start is not None:
+                if mark > self._mark_at_start:  # a new high since the oldest task started
+                    peak = max(peak, mark)
             if self._tasks == 0:
                 _sampler.set_track_rss(False)
             return peak

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import memprof_limits as ml
 
@@ -13,9 +17,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_all_is_sorted_and_complete() -> None:
     assert ml.__all__ == sorted(ml.__all__)
-    public = {n for n in vars(ml) if not n.startswith("_")}
-    modules = {n for n, v in vars(ml).items() if inspect.ismodule(v)}
+    assert all(getattr(ml, n) is not None for n in ml.__all__)  # (loaded on first use)
+    public = {n for n in dir(ml) if not n.startswith("_")}
+    modules = {n for n in public if inspect.ismodule(getattr(ml, n))}
     assert public - modules - {"annotations"} == set(ml.__all__)
+    with pytest.raises(AttributeError, match="has no attribute 'LimitScop'"):
+        ml.LimitScop  # noqa: B018
+
+
+def test_start_up_loads_only_the_engine(python: Callable[..., Any]) -> None:
+    """``import memprof_limits; start()`` and a first limited task load none of the heavy
+    modules the library needs elsewhere (benchmarks/RESULTS.md, "Start-up": they made the
+    import cost 4x a bare interpreter): names are loaded on first use."""
+    proc = python(
+        """
+        import sys
+        import memprof_limits as ml
+        ml.start()
+        assert ml.limit_allocations(lambda: 1, limit=10**6) == ml.Ok((1, 0))
+        heavy = ["asyncio", "inspect", "dataclasses", "subprocess", "ctypes.util", "tempfile",
+                 "memprof_limits._cells", "memprof_limits._async", "memprof_limits._rollback"]
+        print([m for m in heavy if m in sys.modules])
+        ml.CellRunner  # and the rest is there when asked for
+        print("memprof_limits._cells" in sys.modules)
+        """
+    )
+    assert proc.stdout == "[]\nTrue\n", proc
 
 
 def test_every_public_object_is_documented_with_an_example() -> None:

@@ -437,7 +437,7 @@ def test_numpy_arrays_count_for_the_global_limit(memory_limit_above_current: int
 
 
 BIG_ALLOCATION_SCRIPT = """
-import ctypes, gc, mmap, resource, memprof_limits as ml
+import ctypes, gc, mmap, memprof_limits as ml
 from memprof_limits import _sampler
 
 MiB = 2**20
@@ -476,7 +476,7 @@ if KIND == "bytes":  # found before its pages were touched: the message says why
 if KIND != "mmap":  # refused before its pages were touched: never in the process
     # (NumPy's MemoryError has a Python __init__: the interrupt lands in it, no context.)
     assert _sampler.refused_blocks() == 1
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < limit
+    assert _sampler.high_water_mark_bytes() < limit
 del result
 gc.collect()
 ml.release_memory()
