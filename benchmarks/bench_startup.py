@@ -4,9 +4,9 @@ tiny limited task costs (opening and closing a limit).
 
 Side by side, in one run:
 
-- wall time: the median of interleaved runs of fresh interpreters (``python -c pass``, the
-  import, the import and ``start()``, and that plus one limited task), and the median over
-  the bare interpreter;
+- wall and CPU time: medians of interleaved runs of fresh interpreters (``python -c pass``,
+  the import, the import and ``start()``, and that plus one limited task), and over the bare
+  interpreter (CPU time moves less with the machine's load);
 - instructions (valgrind's callgrind, stable under load) of the same commands, one run each;
 - the modules the import loads that a bare interpreter does not (``python -X importtime``),
   the heaviest first;
@@ -50,15 +50,29 @@ for _ in range({n}):
 """
 
 
-def wall_ms(runs: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+def run_ms(code: str) -> tuple[float, float]:
+    """(wall, CPU) milliseconds of one fresh interpreter running ``code``."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", code], env=ENV)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = (time.perf_counter() - start) * 1e3
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{code!r}: exit status {child.returncode}")
+    return wall, (usage.ru_utime + usage.ru_stime) * 1e3
+
+
+def timings(runs: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Per command: wall and CPU milliseconds of ``runs`` runs, interleaved (the
+    machine's load moves them alike)."""
+    times: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in COMMANDS}
     for code in COMMANDS.values():  # warm-up: writes the .pyc files
-        subprocess.run([sys.executable, "-c", code], env=ENV, check=True)
-    for _ in range(runs):  # interleaved: the machine's load moves them alike
+        run_ms(code)
+    for _ in range(runs):
         for name, code in COMMANDS.items():
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], env=ENV, check=True)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            wall, cpu = run_ms(code)
+            times[name][0].append(wall)
+            times[name][1].append(cpu)
     return times
 
 
@@ -115,20 +129,26 @@ def main() -> None:
     print(f"### CPython {v.major}.{v.minor}\n")
     print(f"- `python benchmarks/bench_startup.py --runs {args.runs}`")
     print(f"- CPython {platform.python_version()}, {os.cpu_count()} CPUs")
-    print(f"- wall time: median of {args.runs} interleaved runs (shared, noisy machine)\n")
+    print(
+        f"- wall and CPU (user + system) time: medians of {args.runs} interleaved runs "
+        "(shared, noisy machine); instructions: one run each\n"
+    )
 
-    times = wall_ms(args.runs)
+    times = timings(args.runs)
     counts = {name: instructions(code) for name, code in COMMANDS.items()}
-    bare_ms = statistics.median(times["bare"])
+    bare_wall, bare_cpu = (statistics.median(t) for t in times["bare"])
     bare_ins = counts["bare"]
-    print("| command | wall ms (median) | over bare, ms | instructions | over bare |")
-    print("|---|---:|---:|---:|---:|")
+    print("| command | wall ms | over bare | CPU ms | over bare | instructions | over bare |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in COMMANDS:
-        med = statistics.median(times[name])
+        wall, cpu = (statistics.median(t) for t in times[name])
         ins = counts[name]
         ins_text = "-" if ins is None else f"{ins / 1e6:.1f} M"
         over = "-" if ins is None or bare_ins is None else f"{(ins - bare_ins) / 1e6:+.1f} M"
-        print(f"| `{name}` | {med:.1f} | {med - bare_ms:+.1f} | {ins_text} | {over} |")
+        print(
+            f"| `{name}` | {wall:.1f} | {wall - bare_wall:+.1f} | {cpu:.1f} | "
+            f"{cpu - bare_cpu:+.1f} | {ins_text} | {over} |"
+        )
 
     bare_mods = imported_modules("pass")
     ours = imported_modules(COMMANDS["import + start()"])

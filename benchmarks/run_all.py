@@ -79,6 +79,18 @@ SECTIONS: dict[str, tuple[str, str]] = {
         "Command (per version): `.venvs/3.X/bin/python benchmarks/run_all.py --only dask "
         "--write-results`",
     ),
+    "bench_startup.py": (
+        "Start-up",
+        "What `import memprof_limits; start()` adds to a bare interpreter (issue 16: paid by\n"
+        "every `memprof-limits run`, protocol server and Dask worker start), and what opening\n"
+        "and closing one limit costs. `benchmarks/bench_startup.py`: fresh interpreters,\n"
+        "interleaved, compiled modules cached; wall and CPU time medians, instructions from\n"
+        "callgrind (one run each: stable under load). Target: <= 10 ms over a bare\n"
+        "interpreter. Before (606e12c, everything imported at once): 169.5 M instructions over\n"
+        "bare on 3.13 (2.7x a bare interpreter), 66 modules.\n\n"
+        "Command (per version): `.venvs/3.X/bin/python benchmarks/run_all.py --only startup "
+        "--write-results`",
+    ),
 }
 
 

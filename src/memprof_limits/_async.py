@@ -342,11 +342,7 @@ class _Driver:
         """The library's interrupt for the reason the limit was reached."""
         scope = self.reached
         assert scope is not None
-        cls = {
-            "memory": _exceptions.MemoryLimitExceeded,
-            "allocations": _exceptions.AllocationLimitExceeded,
-            "token": _exceptions.Cancelled,
-        }[scope.reason or "token"]
+        cls = _exceptions.BY_REASON[scope.reason or "token"]
         message = _describe_scope(scope)
         if scope.reason == "allocations":
             message = (

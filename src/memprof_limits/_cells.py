@@ -48,7 +48,6 @@ import builtins
 import gc
 import re
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, MutableMapping
@@ -525,7 +524,6 @@ class CellRunner:
             else Guarded(namespace, name="namespace", exclude=exclude, track=False)
         )
         self._current: Cell | None = None
-        self._lock = threading.Lock()
         #: Checkpoints taken before the last cell, for undo() (None: nothing
         #: to undo).  The guards are held weakly: a Guarded that nothing else
         #: holds any more (not even the namespace's checkpoint) has nothing to

@@ -62,6 +62,12 @@ class Cancelled(Interrupted):
     reason = "token"
 
 
+#: The library's interrupt of each reason (the one table: scopes, limit_async).
+BY_REASON: dict[Reason, type[Interrupted]] = {
+    cls.reason: cls for cls in (MemoryLimitExceeded, AllocationLimitExceeded, Cancelled)
+}
+
+
 class PoisonedError(RuntimeError):
     """A :class:`SafeMutex` was interrupted while held: the state it protects
     may be inconsistent.  Call ``mutex.clear_poison()`` after repairing it."""

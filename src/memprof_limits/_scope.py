@@ -478,11 +478,7 @@ class LimitScope:
 
     def _interrupt(self) -> Interrupted:
         """The library's interrupt for this scope's reason (task returned)."""
-        cls = {
-            "memory": _exceptions.MemoryLimitExceeded,
-            "allocations": _exceptions.AllocationLimitExceeded,
-            "token": _exceptions.Cancelled,
-        }[self.reason or "token"]
+        cls = _exceptions.BY_REASON[self.reason or "token"]
         if self._rss is not None:  # found over the limit at the end: no "afterwards"
             return cls(_describe_scope(self))
         return cls(_describe_scope(self) + " (the task returned normally afterwards)")

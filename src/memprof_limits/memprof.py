@@ -52,8 +52,9 @@ Known failure cases
   within about ``1 / sqrt(n * rate)`` (relative standard deviation); sites
   that allocated much less than ``1 / rate`` bytes are often missed.
 - Allocations served by free lists (small floats, tuples, frames) and memory
-  that does not go through CPython's allocators (numpy's data buffers, most
-  C libraries) are invisible, as they are to the limits.
+  that does not go through CPython's allocators (most C libraries; NumPy's
+  array buffers do: the engine counts and profiles them) are invisible, as
+  they are to the limits.
 - RAW-domain allocations made without the GIL have no traceback
   (``<unknown>``).
 - ``realloc`` counts the new size as a new allocation, and a tracked block
