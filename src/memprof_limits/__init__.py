@@ -14,11 +14,17 @@ from __future__ import annotations
 # protocol server and Dask worker: the names below are loaded on first use
 # (PEP 562), so that ``import memprof_limits; start()`` loads only the engine
 # (benchmarks/RESULTS.md, "Start-up").  Type checkers see the imports.
+from gc import get_freeze_count as _get_freeze_count
 from importlib import import_module as _import_module
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
 
-if _TYPE_CHECKING:
+# (3.12 freezes immortal objects itself: _cells.canonical_collector tells them from a
+# program's frozen objects by the count at the library's import.)
+_FREEZE_COUNT_AT_IMPORT = _get_freeze_count()
+
+TYPE_CHECKING = False  # (not typing's: the start-up path does not import typing)
+if TYPE_CHECKING:
+    from typing import Any as _Any
+
     from ._async import limit_async as limit_async
     from ._cells import BookkeepingFailure as BookkeepingFailure
     from ._cells import Cell as Cell
@@ -162,6 +168,12 @@ __all__ = [  # noqa: RUF022 - plain sorted() order (tests/core/test_exports.py)
 def __getattr__(name: str) -> _Any:
     module = _WHERE.get(name)
     if module is None:
+        if name.startswith("_") and not name.startswith("__"):  # a private module (ml._sampler)
+            try:
+                return _import_module(f".{name}", __name__)
+            except ModuleNotFoundError as e:
+                if e.name != f"{__name__}.{name}":
+                    raise
         raise AttributeError(f"module 'memprof_limits' has no attribute {name!r}")
     value = getattr(_import_module(f".{module}", __name__), name)
     globals()[name] = value
@@ -170,3 +182,6 @@ def __getattr__(name: str) -> _Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+del TYPE_CHECKING

@@ -55,7 +55,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import _sampler
+from . import _FREEZE_COUNT_AT_IMPORT, _sampler
 from ._exceptions import Interrupted, Reason
 from ._result import Error, Ok
 from ._rollback import Guarded, RollbackReport, describe_exception, display_name, tracked_guards
@@ -383,9 +383,10 @@ def canonical_collector() -> None:
 #: The objects CPython 3.12 keeps frozen itself: every collection moves the immortal objects
 #: it meets to the permanent generation (update_refs in gcmodule.c), the tuples of its static
 #: types (375 from the start) -- objects no collection can free, frozen or not, so the
-#: canonical state unfreezes them with the rest.  Counted when this module is first imported:
-#: objects a program froze before importing the library are counted with them.
-_CPYTHON_FROZEN = gc.get_freeze_count() if sys.version_info[:2] == (3, 12) else 0
+#: canonical state unfreezes them with the rest.  Counted when the package is imported (not
+#: this module, loaded on first use: a program's gc.freeze() may come between): objects a
+#: program froze before importing the library are counted with them.
+_CPYTHON_FROZEN = _FREEZE_COUNT_AT_IMPORT if sys.version_info[:2] == (3, 12) else 0
 
 
 class Cell:

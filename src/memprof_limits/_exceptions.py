@@ -9,7 +9,13 @@ state when it is created -- in the interrupted thread.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+TYPE_CHECKING = False  # (not typing's: the start-up path does not import typing)
+if TYPE_CHECKING:
+    from typing import ClassVar, Literal
+
+    Reason = Literal["memory", "allocations", "token"]
+else:
+    Reason = str
 
 __all__ = [
     "AllocationLimitExceeded",
@@ -18,8 +24,6 @@ __all__ = [
     "MemoryLimitExceeded",
     "PoisonedError",
 ]
-
-Reason = Literal["memory", "allocations", "token"]
 
 
 class Interrupted(BaseException):

@@ -1,19 +1,19 @@
 """``Ok`` / ``Error``: the results of the ``limit_*`` functions.
 
-Plain classes, not dataclasses: ``dataclasses`` imports ``inspect`` (and
-``ast``, ``dis``, ``tokenize``), a quarter of the library's start-up.
+Plain classes, not dataclasses, and without ``typing`` at run time (their
+types are in ``_result.pyi``): ``dataclasses`` imports ``inspect`` (and
+``ast``, ``dis``, ``tokenize``), ``typing`` is a sixth of what the library's
+start-up costs (benchmarks/RESULTS.md, "Start-up").
 """
 
 from __future__ import annotations
 
-from typing import Any, Generic, NoReturn, TypeVar
+from types import GenericAlias
 
 __all__ = ["Error", "Ok", "Result"]
 
-T = TypeVar("T")
 
-
-class Ok(Generic[T]):
+class Ok:
     """The task finished and its limit was not reached (immutable).
 
     >>> match Ok(3):
@@ -23,9 +23,9 @@ class Ok(Generic[T]):
 
     __slots__ = ("value",)
     __match_args__ = ("value",)
-    value: T
+    __class_getitem__ = classmethod(GenericAlias)
 
-    def __init__(self, value: T) -> None:
+    def __init__(self, value: object) -> None:
         object.__setattr__(self, "value", value)
 
     def __repr__(self) -> str:
@@ -34,15 +34,16 @@ class Ok(Generic[T]):
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return (self.value,) == (other.value,)  # type: ignore[attr-defined]  # (as a dataclass)
+        return (self.value,) == (other.value,)  # (as a dataclass)
 
     def __hash__(self) -> int:
         return hash((self.value,))
 
-    def __setattr__(self, name: str, value: Any) -> NoReturn:
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"cannot assign to field {name!r} (Ok is immutable)")
 
-    __delattr__ = __setattr__  # type: ignore[assignment]
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} (Ok is immutable)")
 
 
 class Error:
@@ -52,7 +53,6 @@ class Error:
 
     __slots__ = ("exc",)
     __match_args__ = ("exc",)
-    exc: BaseException
 
     def __init__(self, exc: BaseException) -> None:
         object.__setattr__(self, "exc", exc)
@@ -63,15 +63,16 @@ class Error:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return (self.exc,) == (other.exc,)  # type: ignore[attr-defined]
+        return (self.exc,) == (other.exc,)
 
     def __hash__(self) -> int:
         return hash((self.exc,))
 
-    def __setattr__(self, name: str, value: Any) -> NoReturn:
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"cannot assign to field {name!r} (Error is immutable)")
 
-    __delattr__ = __setattr__  # type: ignore[assignment]
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r} (Error is immutable)")
 
 
-Result = Ok[T] | Error
+Result = Ok | Error

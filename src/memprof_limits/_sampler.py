@@ -22,11 +22,13 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Final
 
 from . import _exceptions
-from . import _native as _native_module  # type: ignore[attr-defined]
 from ._native import ffi, lib  # type: ignore[import-not-found,unused-ignore]
+
+TYPE_CHECKING = False  # (not typing's: the start-up path does not import typing)
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 __all__ = [
     "DEFAULT_SAMPLING_RATE",
@@ -53,7 +55,7 @@ REASON_TOKEN: Final[int] = int(lib.ML_REASON_TOKEN)
 # Watchdog rounds a handler of its own interrupt gets (native/sampler.h).
 HANDLER_ROUNDS: Final[int] = int(lib.ML_HANDLER_ROUNDS)
 
-_dll = ctypes.PyDLL(_native_module.__file__)
+_dll = ctypes.PyDLL(sys.modules[f"{__package__}._native"].__file__)
 _py = ctypes.py_object
 
 

@@ -93,7 +93,6 @@ import ctypes
 import gc
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 from . import _delivery, _exceptions, _sampler
 from ._exceptions import Interrupted, Reason
@@ -102,6 +101,12 @@ from ._result import Error, Ok
 from ._sampler import NO_BUDGET, REASON_ALLOCATIONS, REASON_MEMORY, REASON_TOKEN, ffi
 from ._token import Token
 from ._units import format_bytes, parse_bytes
+
+TYPE_CHECKING = False  # (not typing's: the start-up path does not import typing)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
 __all__ = [
     "LimitScope",
@@ -114,7 +119,6 @@ __all__ = [
     "set_global_memory_limit",
 ]
 
-T = TypeVar("T")
 
 _global_limit: int | None = None
 _ENTER, _EXIT = _sampler.masked_methods()

@@ -67,9 +67,12 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 from . import _sampler
+
+TYPE_CHECKING = False  # (not typing's: the start-up path does not import typing)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["install", "run_deferred_now", "unwrap", "wrap"]
 
@@ -78,7 +81,8 @@ _original_signal = signal.signal
 _original_getsignal = signal.getsignal
 _installed = False
 
-Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+if TYPE_CHECKING:
+    Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 def _is_wrapper(handler: object) -> bool:

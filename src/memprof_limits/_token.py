@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from . import _sampler
 from ._native import ffi  # type: ignore[import-not-found,unused-ignore]
 
+TYPE_CHECKING = False  # (not typing's: the start-up path does not import typing)
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._sampler import ThreadState
 
 __all__ = ["Token"]

@@ -82,13 +82,13 @@ import math
 import os
 import pickle
 import statistics as _statistics
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
 
-from . import _native as _native_module  # type: ignore[attr-defined]
 from . import _sampler
 from ._masking import masked, resource
 from ._native import lib  # type: ignore[import-not-found,unused-ignore]
@@ -152,7 +152,7 @@ UNKNOWN_FRAME: Final = Frame("<unknown>", 0)
 # --------------------------------------------------------------------------
 # Native side: cffi for the lock-only functions, PyDLL for the [GIL] ones.
 
-_dll = ctypes.PyDLL(_native_module.__file__)
+_dll = ctypes.PyDLL(sys.modules[f"{__package__}._native"].__file__)
 
 
 def _gil_fn(name: str, restype: Any, *argtypes: Any) -> Any:

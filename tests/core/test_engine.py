@@ -72,8 +72,9 @@ def test_a_subinterpreter_cannot_take_over_the_process_wide_callbacks(
     """A (legacy) subinterpreter can load the compiled module; importing the library there
     used to hand the C side callbacks of that interpreter, which died with it: the next fork
     in the main interpreter called them (``NameError: getattr``, found by CPython's
-    test_threading).  The import is refused there with a clear error, and the main
-    interpreter's engine, limits and fork reset stay intact."""
+    test_threading).  Its first use is refused there with a clear error (the package itself
+    loads nothing until then: start-up), and the main interpreter's engine, limits and fork
+    reset stay intact."""
     proc = python(
         """
         import os, _testcapi, memprof_limits as ml
@@ -81,7 +82,8 @@ def test_a_subinterpreter_cannot_take_over_the_process_wide_callbacks(
         rc = _testcapi.run_in_subinterp('''
         try:
             import memprof_limits
-            print("imported")
+            memprof_limits.start()
+            print("started")
         except ImportError as e:
             print("refused:", e)
         ''')
