@@ -27,13 +27,13 @@ import argparse
 import math
 import os
 import platform
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import callgrind  # noqa: E402 - shared with bench_startup.py
+
 MODES = ["nohook", "idle", "budget", "armed"]
 DEFAULT_WORKLOADS = "list_of_tuples,dict_churn,richards_like,pidigits"
 
@@ -54,27 +54,8 @@ def instructions(src: Path | None, mode: str, workload: str) -> int:
     env = dict(os.environ, PYTHONHASHSEED="0")
     if src is not None:
         env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={tmp}/out",
-                sys.executable,
-                "-c",
-                CHILD.format(here=str(HERE)),
-                mode,
-                workload,
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-    found = re.findall(r"Collected\s*:\s*(\d+)", proc.stderr)
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"callgrind child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return int(found[-1])
+    argv = [sys.executable, "-c", CHILD.format(here=str(HERE)), mode, workload]
+    return callgrind.instructions(argv, env)
 
 
 def measure(src: Path | None, names: list[str]) -> dict[str, dict[str, int]]:

@@ -26,9 +26,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import timeit
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import callgrind
 
 COMMANDS = {
     "bare": "pass",
@@ -79,19 +82,7 @@ def timings(runs: int) -> dict[str, tuple[list[float], list[float]]]:
 def instructions(code: str) -> int | None:
     if shutil.which("valgrind") is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        tool = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out"]
-        proc = subprocess.run(
-            [*tool, sys.executable, "-c", code],
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    found = re.findall(r"Collected\s*:\s*(\d+)", proc.stderr)
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"callgrind child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return int(found[-1])
+    return callgrind.instructions([sys.executable, "-c", code], ENV)
 
 
 def imported_modules(code: str) -> dict[str, int]:
