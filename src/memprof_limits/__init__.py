@@ -56,9 +56,9 @@ if TYPE_CHECKING:
     from ._result import Ok as Ok
     from ._rollback import Guarded as Guarded
     from ._rollback import RollbackReport as RollbackReport
+    from ._sampler import is_interrupted as is_interrupted
     from ._scope import LimitScope as LimitScope
     from ._scope import get_global_memory_limit as get_global_memory_limit
-    from ._scope import is_interrupted as is_interrupted
     from ._scope import limit_allocations as limit_allocations
     from ._scope import limit_global_memory as limit_global_memory
     from ._scope import limit_with_token as limit_with_token
@@ -104,7 +104,7 @@ _WHERE = {
     "RollbackReport": "_rollback",
     "LimitScope": "_scope",
     "get_global_memory_limit": "_scope",
-    "is_interrupted": "_scope",
+    "is_interrupted": "_sampler",
     "limit_allocations": "_scope",
     "limit_global_memory": "_scope",
     "limit_with_token": "_scope",

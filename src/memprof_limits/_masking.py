@@ -43,7 +43,7 @@ from typing import Any, Generic, TypeVar
 from . import _sampler, _signals
 from ._delivery import exception_class
 from ._exceptions import Interrupted, PoisonedError
-from ._scope import is_interrupted
+from ._sampler import is_interrupted
 
 __all__ = ["SafeMutex", "masked", "protect", "resource", "with_resource"]
 

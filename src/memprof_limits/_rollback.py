@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 from . import _sampler
 from ._exceptions import Interrupted
-from ._scope import is_interrupted
+from ._sampler import is_interrupted
 
 __all__ = ["Guarded", "RollbackReport", "describe_exception", "display_name", "tracked_guards"]
 

@@ -39,6 +39,7 @@ __all__ = [
     "arm",
     "bracket",
     "ffi",
+    "is_interrupted",
     "mark_armed",
     "masked_call",
     "masked_methods",
@@ -208,6 +209,22 @@ def thread_state() -> ThreadState:
     except AttributeError:
         st = _local.state = ThreadState()
     return st
+
+
+def is_interrupted() -> bool:
+    """Whether the current thread's task is being interrupted.
+
+    True from the moment one of the limits of a task running on this thread
+    is reached (the interrupt is raised, or deferred by masking) until that
+    task ends.  Use it in a ``release`` function to poison or roll back, and
+    in ``except`` clauses to avoid swallowing an interrupt.
+
+    >>> import memprof_limits as ml
+    >>> ml.is_interrupted()
+    False
+    """
+    st: ThreadState | None = getattr(_local, "state", None)
+    return bool(st is not None and st.ctl.active > 0 and st.pending())
 
 
 def _ensure_ctl() -> None:

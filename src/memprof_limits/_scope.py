@@ -111,7 +111,6 @@ if TYPE_CHECKING:
 __all__ = [
     "LimitScope",
     "get_global_memory_limit",
-    "is_interrupted",
     "limit_allocations",
     "limit_global_memory",
     "limit_with_token",
@@ -184,22 +183,6 @@ def _find_libc() -> Any:
 
 _libc = _find_libc()
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
-
-
-def is_interrupted() -> bool:
-    """Whether the current thread's task is being interrupted.
-
-    True from the moment one of the limits of a task running on this thread
-    is reached (the interrupt is raised, or deferred by masking) until that
-    task ends.  Use it in a ``release`` function to poison or roll back, and
-    in ``except`` clauses to avoid swallowing an interrupt.
-
-    >>> import memprof_limits as ml
-    >>> ml.is_interrupted()
-    False
-    """
-    st: _sampler.ThreadState | None = getattr(_sampler._local, "state", None)
-    return bool(st is not None and st.ctl.active > 0 and st.pending())
 
 
 class LimitScope:

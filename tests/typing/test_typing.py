@@ -14,8 +14,9 @@ HERE = Path(__file__).resolve().parent
 def mypy(path: Path) -> subprocess.CompletedProcess[str]:
     """mypy --strict on ``path`` alone (no project configuration), the package from ``src``
     (mypy cannot follow the editable install's import hook); only ``path``'s errors count."""
+    options = ["--strict", "--no-incremental", "--cache-dir=/dev/null", "--config-file="]
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--config-file=", path.name],
+        [sys.executable, "-m", "mypy", *options, path.name],
         capture_output=True,
         text=True,
         cwd=path.parent,
