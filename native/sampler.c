@@ -614,10 +614,14 @@ static int __attribute__((noinline)) refuse_big_block(size_t n, int domain)
             __builtin_expect((int64_t)(n) >= ML_BIG_ALLOC, 0))                  \
             slow_path((p), (int64_t)(n), (domain), 1);                          \
     } while (0)
-/* realloc: counted, sampled, but not checked as a new big block. */
-#define ML_COUNT_REALLOC(p, n, domain)                                          \
+/* realloc: counted, sampled; growing a block is not checked as a new big
+ * block (its old pages are resident, its old size unknown).  A realloc of
+ * NULL is a new block and checked as one (bytearray(n) allocates so). */
+#define ML_COUNT_REALLOC(old, p, n, domain)                                     \
     do {                                                                        \
-        if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0))             \
+        if ((old) == NULL)                                                      \
+            ML_COUNT((p), (n), (domain));                                       \
+        else if (__builtin_expect((T.countdown -= (int64_t)(n)) < 0, 0))        \
             slow_path((p), (int64_t)(n), (domain), 0);                          \
     } while (0)
 
@@ -738,20 +742,22 @@ static void *h_mem_calloc(void *ctx, size_t nelem, size_t elsize)
 }
 static void *h_obj_realloc(void *ctx, void *ptr, size_t n)
 {
+    if (ptr == NULL && ML_REFUSED(n, ML_DOMAIN_OBJ)) return NULL;
     T.reentrant++;
     if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
     void *p = g_orig_obj.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT_REALLOC(p, n, ML_DOMAIN_OBJ);
+    if (p) ML_COUNT_REALLOC(ptr, p, n, ML_DOMAIN_OBJ);
     return p;
 }
 static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
 {
+    if (ptr == NULL && ML_REFUSED(n, ML_DOMAIN_MEM)) return NULL;
     T.reentrant++;
     if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
     void *p = g_orig_mem.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT_REALLOC(p, n, ML_DOMAIN_MEM);
+    if (p) ML_COUNT_REALLOC(ptr, p, n, ML_DOMAIN_MEM);
     return p;
 }
 static void *__attribute__((noinline)) raw_malloc_slow(void *ctx, size_t n)
@@ -790,9 +796,10 @@ static void *h_raw_calloc(void *ctx, size_t nelem, size_t elsize)
 }
 static void *h_raw_realloc(void *ctx, void *ptr, size_t n)
 {
+    if (ptr == NULL && !T.reentrant && ML_REFUSED(n, ML_DOMAIN_RAW)) return NULL;
     if (ml_memprof_track_frees && ptr && !T.reentrant) ml_memprof_on_free(ptr);
     void *p = g_orig_raw.realloc(ctx, ptr, n);
-    if (p && !T.reentrant) ML_COUNT_REALLOC(p, n, ML_DOMAIN_RAW);
+    if (p && !T.reentrant) ML_COUNT_REALLOC(ptr, p, n, ML_DOMAIN_RAW);
     return p;
 }
 
@@ -845,10 +852,11 @@ static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
 }
 static void *np_realloc(void *ctx, void *ptr, size_t n)
 {
+    if (ptr == NULL && ML_REFUSED(n, ML_DOMAIN_RAW)) return NULL;
     T.reentrant++;
     void *p = g_np_orig.realloc(ctx, ptr, n);
     T.reentrant--;
-    if (p) ML_COUNT_REALLOC(p, n, ML_DOMAIN_RAW);
+    if (p) ML_COUNT_REALLOC(ptr, p, n, ML_DOMAIN_RAW);
     return p;
 }
 

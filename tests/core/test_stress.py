@@ -814,3 +814,103 @@ def test_sisyphus() -> None:
         # its own memory limit was also reached): the state it would have seen is never shown.
         allowed = {"Error(MemoryLimitExceeded)", "Error(PoisonedError)", "PoisonedError raised"}
         assert set(st) <= allowed, stats
+
+
+BIG_BLOCKS_SCRIPT = """
+import random, signal, sys, threading, time
+from collections import Counter
+import memprof_limits as ml
+from memprof_limits import _sampler
+
+MiB = 2**20
+ml.start()
+ml.limit_global_memory(lambda: None)
+ml.release_memory()
+limit = _sampler.rss_bytes() + 150 * MiB
+ml.set_global_memory_limit(limit)
+lock, mutex = threading.Lock(), ml.SafeMutex()
+outcomes = [Counter(), Counter()]
+biggest = [0]
+
+def handler(signum, frame):
+    raise KeyboardInterrupt
+
+def task(rng):
+    keep = []
+    for _ in range(rng.randrange(1, 12)):
+        n = rng.choice([rng.randrange(1, MiB), rng.randrange(MiB, 400 * MiB)])
+        biggest[0] = max(biggest[0], n)
+        how = rng.randrange(3)
+        if how == 0:
+            with ml.protect(lock):
+                keep.append(b"x" * n)
+        elif how == 1:
+            with mutex:
+                keep.append(bytearray(n))
+        else:
+            # Allocated masked (acquire): never refused, so kept under 1 MiB here.
+            keep.append(ml.with_resource(lambda k: b"y" * k, n % MiB, len, lambda _r: None))
+    return len(keep)
+
+def worker(me, seed, rounds):
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        token = ml.Token()
+        timer = threading.Timer(rng.random() * 0.01, token.set)
+        if rng.random() < 0.3:
+            timer.start()
+        try:  # (the one alarm of a round raises once, wherever it lands in here)
+            try:
+                if me == 0 and rng.random() < 0.5:
+                    signal.setitimer(signal.ITIMER_REAL, rng.randrange(1, 3000) / 1e6)
+                r = ml.limit_global_memory(
+                    lambda: ml.limit_with_token(lambda: task(rng), token=token)
+                )
+                if isinstance(r, ml.Ok):
+                    r = r.value
+                outcomes[me]["Ok" if isinstance(r, ml.Ok) else type(r.exc).__name__] += 1
+            except ml.PoisonedError:
+                outcomes[me]["PoisonedError"] += 1
+            finally:
+                timer.cancel()
+        except KeyboardInterrupt:
+            outcomes[me]["KeyboardInterrupt"] += 1
+        if me == 0:
+            while True:  # (the alarm may still be pending)
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    break
+                except KeyboardInterrupt:
+                    outcomes[me]["KeyboardInterrupt"] += 1
+        if mutex.poisoned:  # (an interrupted holder: its state is a list of blocks, fine)
+            mutex.clear_poison()
+        st = _sampler.thread_state()
+        assert st.scopes == [] and int(st.ctl.active) == 0, st.scopes
+    ml.release_memory()
+
+signal.signal(signal.SIGALRM, handler)
+rounds = int(sys.argv[1])
+other = threading.Thread(target=worker, args=(1, 2, rounds))
+other.start()
+worker(0, 1, rounds)
+other.join(120)
+assert not other.is_alive(), "deadlock"
+assert not lock.locked() and not mutex.locked(), "a lock leaked"
+hwm = _sampler.high_water_mark_bytes()
+# Never more than one block past the limit: two threads can both be granted a block before
+# either is resident (bytearray's pages are touched later, by nobody here).
+assert hwm is None or hwm < limit + biggest[0], (hwm >> 20, limit >> 20, biggest[0] >> 20)
+assert _sampler.refused_blocks() > 0
+print("ok", [dict(o) for o in outcomes], _sampler.refused_blocks(), "refused")
+"""
+
+
+def test_big_blocks_refused_among_signals_tokens_and_locks() -> None:
+    """Big blocks refused for the memory limit (issue 15) at random moments, from two threads,
+    inside ``protect``, a ``SafeMutex`` and a ``with_resource`` acquire, while tokens are set by
+    timers and the main thread's raising ``SIGALRM`` handler fires: no crash, no deadlock, no
+    lock held, no scope left open, and the process never more than one block past the limit."""
+    script = BIG_BLOCKS_SCRIPT.replace("int(sys.argv[1])", str(scaled(150)))
+    proc = run_python(script, timeout=300, env={"PYTHONFAULTHANDLER": "1"})
+    assert proc.stdout.startswith("ok"), proc
+    print(proc.stdout)
