@@ -61,6 +61,4 @@ PyObject *ml_take_armed_exception(void);
  * one-cause rule's hold and grace start if it is the armed interrupt). */
 void ml_interrupt_created(ml_ctl_t *ctl, PyTypeObject *type);
 
-/* masking.c: the [GIL] builtins, as a tuple, for _sampler.py. */
-PyAPI_FUNC(PyObject *) ml_builtins(void);
 #endif

@@ -2,9 +2,11 @@
  *
  * build_ffi.py feeds the part between the CDEF markers to ffi.cdef(), so it
  * must stay plain C declarations (no #include, no macros with arguments).
- * Functions marked [GIL] must be called with the GIL held: Python reaches them
- * through ctypes.PyDLL (cffi releases the GIL around its calls). All others
- * are called through cffi and do not need the GIL.
+ * Python calls every function through ctypes.PyDLL, which keeps the GIL held
+ * for the whole call (cffi's calls release it: getting it back can take a
+ * switch interval); cffi gives the types.  Functions marked [GIL] need the
+ * GIL; the others would not.  The [GIL] entry points that take Python
+ * objects are declared after CDEF-END.
  */
 #ifndef MEMPROF_LIMITS_SAMPLER_H
 #define MEMPROF_LIMITS_SAMPLER_H
@@ -188,5 +190,34 @@ void ml_record_samples(int64_t *buf, int64_t n);
 int64_t ml_recorded_samples(void);
 
 /* CDEF-END */
+
+/* The [GIL] entry points that take or return Python objects or must keep the
+ * GIL for the whole call: Python reaches them through ctypes.PyDLL
+ * (memprof_limits._sampler), not cffi, whose calls release the GIL.  Their
+ * declarations there are checked against these by tests/native/test_binding.py. */
+#include <Python.h>
+
+/* Whether the calling thread runs the main interpreter: the C side holds the
+ * main interpreter's objects, and only it may set them. */
+PyAPI_FUNC(int) ml_in_main_interpreter(void);
+/* Hand over the interrupt classes and the Python callbacks (once, at import):
+ * 0, or -1 outside the main interpreter. */
+PyAPI_FUNC(int) ml_set_classes(PyObject *base, PyObject *memory, PyObject *allocations,
+                               PyObject *cancelled, PyObject *flush, PyObject *ensure_ctl,
+                               PyObject *deliver, PyObject *after_fork);
+/* Arm ctl's thread (another thread) if an interrupt is pending, a task is
+ * active and the thread is not masked.  Returns 1 if armed. */
+PyAPI_FUNC(int) ml_arm(ml_ctl_t *ctl);
+/* The main thread's signal delivery raises `pending`'s interrupt itself: it
+ * counts as armed for the one-cause rule. */
+PyAPI_FUNC(void) ml_mark_armed(ml_ctl_t *ctl, int64_t pending);
+/* Is an asynchronous exception armed on the current thread?  (Tests.) */
+PyAPI_FUNC(int) ml_async_exc_armed(void);
+/* Patch NumPy's default handler (its address, from the capsule): 1 if patched
+ * now, 0 if already, -1 if the layout is unknown. */
+PyAPI_FUNC(int) ml_numpy_patch(void *handler);
+/* masking.c: the builtins that call Python (masked_call, bracket, the
+ * signal-handler wrapper...), as a tuple in their table's order. */
+PyAPI_FUNC(PyObject *) ml_builtins(void);
 
 #endif

@@ -40,9 +40,11 @@ __all__ = [
     "bracket",
     "ffi",
     "is_interrupted",
+    "lib",
     "mark_armed",
     "masked_call",
     "masked_methods",
+    "native_function",
     "start",
     "stop",
     "thread_state",
@@ -60,7 +62,9 @@ _dll = ctypes.PyDLL(sys.modules[f"{__package__}._native"].__file__)
 _py = ctypes.py_object
 
 
-def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
+def native_function(name: str, restype: Any, *argtypes: Any) -> Any:
+    """The compiled module's function ``name``, called through PyDLL (the GIL
+    held); its prototype in native/*.h is checked by tests/native/test_binding.py."""
     f = getattr(_dll, name)
     f.restype = restype
     f.argtypes = list(argtypes)
@@ -74,43 +78,45 @@ _vp = ctypes.c_void_p
 # holds are process-wide and belong to the main interpreter: a subinterpreter
 # (which can load the module) must not replace them with objects that die
 # with it.  Checked before anything below touches the C side.
-if not _fn("ml_in_main_interpreter", ctypes.c_int)():
+if not native_function("ml_in_main_interpreter", ctypes.c_int)():
     raise ImportError(
         "memprof_limits runs in the main interpreter only (its allocator hooks are "
         "process-wide): import and start it in the main interpreter"
     )
-_c_start = _fn("ml_start", ctypes.c_int, ctypes.c_double, ctypes.c_uint64)
-_c_stop = _fn("ml_stop", ctypes.c_int)
-_c_is_started = _fn("ml_is_started", ctypes.c_int)
-_c_sampling_rate = _fn("ml_sampling_rate", ctypes.c_double)
-_c_set_sampling_rate = _fn("ml_set_sampling_rate", ctypes.c_int, ctypes.c_double)
-_c_allocated = _fn("ml_allocated", _i64)
-_c_samples = _fn("ml_samples", _i64)
-_c_set_budget_end = _fn("ml_set_budget_end", None, _i64)
-_c_set_ctl = _fn("ml_set_ctl", None, _vp)
-_c_detach_ctl = _fn("ml_detach_ctl", None, _vp)
-_c_add_pending = _fn("ml_ctl_add_pending", None, _vp, _i64)
-_c_clear_pending = _fn("ml_ctl_clear_pending", None, _vp, _i64)
-_c_pending = _fn("ml_ctl_pending", _i64, _vp)
-pending_changed = _fn("ml_pending_changed", None)
-any_pending = _fn("ml_any_pending", ctypes.c_int)
-set_tasks_open = _fn("ml_set_tasks_open", None, _i64)
-_c_set_global_limit = _fn("ml_set_global_limit", None, _i64)
-_c_rss = _fn("ml_rss", _i64)
-_c_peak_rss = _fn("ml_peak_rss", _i64)
-_c_reset_peak_rss = _fn("ml_reset_peak_rss", None)
-_c_set_track_rss = _fn("ml_set_track_rss", None, ctypes.c_int)
-_c_over_rss = _fn("ml_over_rss", _i64)
-_c_over_block = _fn("ml_over_block", _i64)
-_c_refused_blocks = _fn("ml_refused_blocks", _i64)
-_c_numpy_patched = _fn("ml_numpy_patched", ctypes.c_int)
-_c_record_samples = _fn("ml_record_samples", None, _vp, _i64)
-_c_recorded_samples = _fn("ml_recorded_samples", _i64)
-_arm = _fn("ml_arm", ctypes.c_int, ctypes.c_void_p)
-_mark_armed = _fn("ml_mark_armed", None, ctypes.c_void_p, _i64)
-_async_exc_armed = _fn("ml_async_exc_armed", ctypes.c_int)
-_numpy_patch = _fn("ml_numpy_patch", ctypes.c_int, ctypes.c_void_p)
-_set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py, _py, _py)
+_c_start = native_function("ml_start", ctypes.c_int, ctypes.c_double, ctypes.c_uint64)
+_c_stop = native_function("ml_stop", ctypes.c_int)
+_c_is_started = native_function("ml_is_started", ctypes.c_int)
+_c_sampling_rate = native_function("ml_sampling_rate", ctypes.c_double)
+_c_set_sampling_rate = native_function("ml_set_sampling_rate", ctypes.c_int, ctypes.c_double)
+_c_allocated = native_function("ml_allocated", _i64)
+_c_samples = native_function("ml_samples", _i64)
+_c_set_budget_end = native_function("ml_set_budget_end", None, _i64)
+_c_set_ctl = native_function("ml_set_ctl", None, _vp)
+_c_detach_ctl = native_function("ml_detach_ctl", None, _vp)
+_c_add_pending = native_function("ml_ctl_add_pending", None, _vp, _i64)
+_c_clear_pending = native_function("ml_ctl_clear_pending", None, _vp, _i64)
+_c_pending = native_function("ml_ctl_pending", _i64, _vp)
+pending_changed = native_function("ml_pending_changed", None)
+any_pending = native_function("ml_any_pending", ctypes.c_int)
+set_tasks_open = native_function("ml_set_tasks_open", None, _i64)
+_c_set_global_limit = native_function("ml_set_global_limit", None, _i64)
+_c_rss = native_function("ml_rss", _i64)
+_c_peak_rss = native_function("ml_peak_rss", _i64)
+_c_reset_peak_rss = native_function("ml_reset_peak_rss", None)
+_c_set_track_rss = native_function("ml_set_track_rss", None, ctypes.c_int)
+_c_over_rss = native_function("ml_over_rss", _i64)
+_c_over_block = native_function("ml_over_block", _i64)
+_c_refused_blocks = native_function("ml_refused_blocks", _i64)
+_c_numpy_patched = native_function("ml_numpy_patched", ctypes.c_int)
+_c_record_samples = native_function("ml_record_samples", None, _vp, _i64)
+_c_recorded_samples = native_function("ml_recorded_samples", _i64)
+_arm = native_function("ml_arm", ctypes.c_int, ctypes.c_void_p)
+_mark_armed = native_function("ml_mark_armed", None, ctypes.c_void_p, _i64)
+_async_exc_armed = native_function("ml_async_exc_armed", ctypes.c_int)
+_numpy_patch = native_function("ml_numpy_patch", ctypes.c_int, ctypes.c_void_p)
+_set_classes = native_function(
+    "ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py, _py, _py
+)
 # The entry points that call Python are builtins (native/masking.c), not
 # ctypes functions: no argument conversion that could fail (ctypes wraps a
 # RecursionError in ArgumentError), and a plain C call.
@@ -127,7 +133,7 @@ _set_classes = _fn("ml_set_classes", ctypes.c_int, _py, _py, _py, _py, _py, _py,
     gc_guard,
     take_deferred_signals,
     wrap_installed_handlers,
-) = _fn("ml_builtins", _py)()
+) = native_function("ml_builtins", _py)()
 _instancemethod = ctypes.pythonapi.PyInstanceMethod_New
 _instancemethod.argtypes = [_py]
 _instancemethod.restype = _py
@@ -282,9 +288,19 @@ def _after_fork() -> None:
         hook()
 
 
-def init_native(describe: Callable[[str], str]) -> None:
-    """Hand the exception classes and the Python callbacks to the C side."""
-    _exceptions.Interrupted._describe = describe
+def _describe(reason: str) -> str:
+    """An interrupt's message (_scope._describe).  An interrupt exists only
+    under a scope, so _scope is loaded by then: here it is only looked up."""
+    from ._scope import _describe
+
+    return _describe(reason)
+
+
+def _init_native() -> None:
+    """Hand the exception classes and the Python callbacks to the C side, at
+    this module's import: every masked form needs them (``current_ctl``), and
+    the package loads its modules on first use, in any order."""
+    _exceptions.Interrupted._describe = _describe
     # Their construction runs masked from C (native/masking.c, quiet_call).
     init = _exceptions.Interrupted.__init__
     quiet_init = functools.partial(_quiet_call, init)
@@ -304,6 +320,7 @@ def init_native(describe: Callable[[str], str]) -> None:
         raise ImportError("memprof_limits: not the main interpreter")
 
 
+_init_native()
 os.register_at_fork(after_in_child=_after_fork_child)
 
 

@@ -96,9 +96,8 @@ from collections.abc import Callable
 
 from . import _delivery, _exceptions, _sampler
 from ._exceptions import Interrupted, Reason
-from ._native import lib  # type: ignore[import-not-found,unused-ignore]
 from ._result import Error, Ok
-from ._sampler import NO_BUDGET, REASON_ALLOCATIONS, REASON_MEMORY, REASON_TOKEN, ffi
+from ._sampler import NO_BUDGET, REASON_ALLOCATIONS, REASON_MEMORY, REASON_TOKEN, ffi, lib
 from ._token import Token
 from ._units import format_bytes, parse_bytes
 
@@ -759,5 +758,3 @@ def _describe(reason: str) -> str:
         )
     return "cancelled: the token was set"
 
-
-_sampler.init_native(_describe)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import _sampler
-from ._native import ffi  # type: ignore[import-not-found,unused-ignore]
+from ._sampler import ffi
 
 TYPE_CHECKING = False  # (not typing's: the start-up path does not import typing)
 if TYPE_CHECKING:

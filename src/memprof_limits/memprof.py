@@ -82,7 +82,6 @@ import math
 import os
 import pickle
 import statistics as _statistics
-import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -91,7 +90,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 from . import _sampler
 from ._masking import masked, resource
-from ._native import lib  # type: ignore[import-not-found,unused-ignore]
+from ._sampler import lib, native_function
 from ._units import format_bytes
 
 __all__ = [
@@ -150,23 +149,13 @@ UNKNOWN_FRAME: Final = Frame("<unknown>", 0)
 
 
 # --------------------------------------------------------------------------
-# Native side: cffi for the lock-only functions, PyDLL for the [GIL] ones.
+# Native side, through _sampler (the one importer of the compiled module).
 
-_dll = ctypes.PyDLL(sys.modules[f"{__package__}._native"].__file__)
-
-
-def _gil_fn(name: str, restype: Any, *argtypes: Any) -> Any:
-    f = getattr(_dll, name)
-    f.restype = restype
-    f.argtypes = list(argtypes)
-    return f
-
-
-_c_start = _gil_fn("ml_memprof_start", ctypes.c_int, ctypes.c_int, ctypes.c_int)
-_c_stop = _gil_fn("ml_memprof_stop", ctypes.c_int, ctypes.py_object, ctypes.py_object)
-_c_drain = _gil_fn("ml_memprof_drain", ctypes.c_int, ctypes.py_object)
-_c_live_ids = _gil_fn("ml_memprof_live_ids", ctypes.c_int, ctypes.py_object)
-_c_discard = _gil_fn("ml_memprof_discard", None)
+_c_start = native_function("ml_memprof_start", ctypes.c_int, ctypes.c_int, ctypes.c_int)
+_c_stop = native_function("ml_memprof_stop", ctypes.c_int, ctypes.py_object, ctypes.py_object)
+_c_drain = native_function("ml_memprof_drain", ctypes.c_int, ctypes.py_object)
+_c_live_ids = native_function("ml_memprof_live_ids", ctypes.c_int, ctypes.py_object)
+_c_discard = native_function("ml_memprof_discard", None)
 
 
 # --------------------------------------------------------------------------

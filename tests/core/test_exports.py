@@ -74,3 +74,28 @@ def test_imports_go_one_way() -> None:
         assert "memprof_limits_repl" not in _imports(kernel)
     if repl.exists():
         assert "memprof_limits_kernel" not in _imports(repl)
+
+
+FIRST_USES = {
+    "protect": "import threading\nwith ml.protect(threading.Lock()): pass",
+    "SafeMutex": "with ml.SafeMutex(): pass",
+    "with_resource": "assert ml.with_resource(lambda x: x, 1, lambda r: r + 1, id) == 2",
+    "masked": "assert ml.masked(lambda: 3) == 3",
+    "Guarded": "g = ml.Guarded([1])\nwith g.transaction(): g.value.append(2)",
+    "Token": "t = ml.Token(); t.set(); assert isinstance(ml.limit_with_token(len, token=t), ml.Error)",
+    "LimitScope": "with ml.LimitScope(allocations=10**6) as s: pass\nassert s.allocated_bytes == 0",
+    "CellRunner": "r = ml.CellRunner({})\nwith r.cell() as c: c.run(lambda: 1)",
+    "limit_async": "import asyncio\nasync def f(): return 1\n"
+    "assert asyncio.run(ml.limit_async(f(), allocations=10**6)) == ml.Ok(1)",
+    "memprof": "from memprof_limits import memprof\nmemprof.start()\nmemprof.stop()",
+    "sigint_sets": "ml.sigint_sets(ml.Token())",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_USES))
+def test_each_entry_point_works_as_the_first_use(name: str, python: Callable[..., Any]) -> None:
+    """The package loads its modules on first use, in whatever order a program asks for them:
+    each entry point works as the very first thing a fresh interpreter does (a masked form
+    used before any scope found the C side without its callbacks: SystemError)."""
+    proc = python("import memprof_limits as ml\n" + FIRST_USES[name] + "\nprint('ok')")
+    assert proc.stdout == "ok\n", proc
