@@ -757,4 +757,3 @@ def _describe(reason: str) -> str:
             f"(resident memory {format_bytes(_sampler.over_limit_rss_bytes())}{with_block})"
         )
     return "cancelled: the token was set"
-

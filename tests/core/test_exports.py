@@ -82,7 +82,8 @@ FIRST_USES = {
     "with_resource": "assert ml.with_resource(lambda x: x, 1, lambda r: r + 1, id) == 2",
     "masked": "assert ml.masked(lambda: 3) == 3",
     "Guarded": "g = ml.Guarded([1])\nwith g.transaction(): g.value.append(2)",
-    "Token": "t = ml.Token(); t.set(); assert isinstance(ml.limit_with_token(len, token=t), ml.Error)",
+    "Token": "t = ml.Token()\nt.set()\n"
+    "assert isinstance(ml.limit_with_token(len, token=t), ml.Error)",
     "LimitScope": "with ml.LimitScope(allocations=10**6) as s: pass\nassert s.allocated_bytes == 0",
     "CellRunner": "r = ml.CellRunner({})\nwith r.cell() as c: c.run(lambda: 1)",
     "limit_async": "import asyncio\nasync def f(): return 1\n"
