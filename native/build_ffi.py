@@ -41,7 +41,7 @@ ffibuilder.set_source(
     '#include "sampler.h"\n#include "memprof_api.h"',
     sources=[os.path.join(REL, f) for f in ("sampler.c", "masking.c", "memprof.c")],
     depends=[
-        os.path.join(REL, h) for h in ("sampler.h", "internal.h", "memprof.h", "memprof_api.h")
+        os.path.join(REL, h) for h in ("sampler.h", "internal.h", "memprof_api.h")
     ],
     **_COMMON,
 )

@@ -88,7 +88,6 @@
 #include "internal/pycore_frame.h"
 #undef Py_BUILD_CORE
 
-#include "memprof.h"
 #include "memprof_api.h"
 #include "sampler.h"
 
@@ -99,11 +98,11 @@
 #define MP_TLS __thread __attribute__((tls_model("initial-exec")))
 
 /* Set by start/stop with the GIL (and the engine's hooks in place); read by
- * the hooks, which re-check ml_memprof_enabled under S.lock. */
-volatile int ml_memprof_enabled;
-/* Nonzero while ml_memprof_on_free must look blocks up.  Written with the
- * GIL by ml_memprof_start/stop and by ml_stop (sampler.c). */
-volatile int ml_memprof_track_frees;
+ * the observer's functions, which re-check ml_memprof_enabled under S.lock. */
+static volatile int ml_memprof_enabled;
+/* Nonzero while sampled blocks are tracked (the free hooks report frees).
+ * Written with the GIL by ml_memprof_start/stop and when the engine stops. */
+static volatile int ml_memprof_track_frees;
 
 /* ------------------------------------------------------------------------ */
 /* Records. */
@@ -389,7 +388,7 @@ static void table_remove_unlocked(uintptr_t key)
 /* Hook side.  No Python API beyond reading frames and Py_INCREF with the
  * GIL; no PyMem; never raises. */
 
-void ml_memprof_on_sample(void *ptr, size_t size, int64_t n_samples, int domain)
+static void ml_memprof_on_sample(void *ptr, size_t size, int64_t n_samples, int domain)
 {
     if (t_busy) return;
     PyThreadState *ts = gil_holder_tstate(domain);
@@ -416,7 +415,7 @@ out:
     pthread_mutex_unlock(&S.lock);
 }
 
-void ml_memprof_on_free(void *ptr)
+static void ml_memprof_on_free(void *ptr)
 {
     uintptr_t p = (uintptr_t)ptr;
     if (__atomic_load_n(&g_filter[filter_slot(p)], __ATOMIC_ACQUIRE) == 0) return;
@@ -424,6 +423,13 @@ void ml_memprof_on_free(void *ptr)
     table_remove_unlocked(p);
     pthread_mutex_unlock(&S.lock);
 }
+
+/* The engine stops: its free hooks are gone. */
+static void ml_memprof_on_engine_stop(void) { ml_memprof_track_frees = 0; }
+
+/* What the sampler calls (ml_set_observer): registered while recording. */
+static const ml_observer_t g_observer = {
+    ml_memprof_on_sample, ml_memprof_on_free, ml_memprof_on_engine_stop};
 
 /* ------------------------------------------------------------------------ */
 /* Python side (cffi: no GIL needed). */
@@ -552,6 +558,7 @@ PyAPI_FUNC(int) ml_memprof_start(int max_frames, int track_frees)
     S.dropped = 0;
     clear_tracking_unlocked();
     pthread_mutex_unlock(&S.lock);
+    ml_set_observer(&g_observer);
     if (track_frees) {
         /* Not under S.lock: it takes the GIL and the sampler's lock. */
         int rc = ml_set_free_hooks(1);
@@ -559,6 +566,7 @@ PyAPI_FUNC(int) ml_memprof_start(int max_frames, int track_frees)
             pthread_mutex_lock(&S.lock);
             S.track = 0;
             pthread_mutex_unlock(&S.lock);
+            ml_set_observer(NULL);
             return rc;
         }
         ml_memprof_track_frees = 1;
@@ -578,9 +586,10 @@ PyAPI_FUNC(int) ml_memprof_stop(PyObject *records, PyObject *live)
         ml_memprof_track_frees = 0;
         /* Removing the free hooks fails only if another hook was installed
          * on top of the engine's (tracemalloc): they then stay in place,
-         * inert (they test ml_memprof_track_frees), until ml_stop. */
+         * inert (the sampler stops reporting frees), until ml_stop. */
         (void)ml_set_free_hooks(0);
     }
+    ml_set_observer(NULL);   /* (a hook may still call it: it re-checks) */
     pthread_mutex_lock(&S.lock);
     S.track = 0;
     clear_tracking_unlocked();

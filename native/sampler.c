@@ -75,7 +75,6 @@
 #include <unistd.h>
 
 #include "sampler.h"
-#include "memprof.h"
 #include "internal.h"
 
 #if PY_VERSION_HEX < 0x030B0000 || PY_VERSION_HEX >= 0x030E0000
@@ -142,6 +141,19 @@ static volatile int g_track_rss;          /* read RSS at samples even with no li
 static int64_t g_over_rss;                /* atomic: RSS read when a limit was last found exceeded */
 static int64_t g_over_block;              /* atomic: the big block counted in with it, or 0 */
 static int64_t g_refused_blocks;          /* atomic: big blocks refused (refuse_big_block) */
+/* The observer of the hooks (ml_set_observer): written with the GIL, read by
+ * hooks -- a stale read drops or adds one sample, and an observer stays valid
+ * for good.  g_track_frees: frees are reported to it (ml_set_free_hooks; GIL
+ * and g_lock to write). */
+static const ml_observer_t *volatile g_observer;
+static volatile int g_track_frees;
+#define ML_ON_FREE(ptr)                                                         \
+    do {                                                                        \
+        if (g_track_frees && (ptr)) {                                           \
+            const ml_observer_t *o_ = g_observer;                               \
+            if (o_ != NULL) o_->on_free(ptr);                                   \
+        }                                                                       \
+    } while (0)
 static int64_t g_rss_reads;               /* atomic */
 
 /* Exception classes and Python callables: see internal.h.  Set once with
@@ -519,7 +531,10 @@ static void __attribute__((noinline)) slow_path(void *ptr, int64_t n, int domain
         if (t->rec_buf && t->rec_n < t->rec_len) t->rec_buf[t->rec_n++] = t->next_sample;
         t->next_sample += draw_gap(t);
     }
-    if (sampled && ml_memprof_enabled) ml_memprof_on_sample(ptr, n, sampled, domain);
+    if (sampled) {
+        const ml_observer_t *o = g_observer;
+        if (o != NULL) o->on_sample(ptr, (size_t)n, sampled, domain);
+    }
     ml_ctl_t *ctl = t->ctl;
     if (allocated > t->budget_end) {
         t->budget_end = ML_NO_BUDGET;
@@ -744,7 +759,7 @@ static void *h_obj_realloc(void *ctx, void *ptr, size_t n)
 {
     if (ptr == NULL && ML_REFUSED(n, ML_DOMAIN_OBJ)) return NULL;
     T.reentrant++;
-    if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
+    ML_ON_FREE(ptr);
     void *p = g_orig_obj.realloc(ctx, ptr, n);
     T.reentrant--;
     if (p) ML_COUNT_REALLOC(ptr, p, n, ML_DOMAIN_OBJ);
@@ -754,7 +769,7 @@ static void *h_mem_realloc(void *ctx, void *ptr, size_t n)
 {
     if (ptr == NULL && ML_REFUSED(n, ML_DOMAIN_MEM)) return NULL;
     T.reentrant++;
-    if (ml_memprof_track_frees && ptr) ml_memprof_on_free(ptr);
+    ML_ON_FREE(ptr);
     void *p = g_orig_mem.realloc(ctx, ptr, n);
     T.reentrant--;
     if (p) ML_COUNT_REALLOC(ptr, p, n, ML_DOMAIN_MEM);
@@ -797,7 +812,7 @@ static void *h_raw_calloc(void *ctx, size_t nelem, size_t elsize)
 static void *h_raw_realloc(void *ctx, void *ptr, size_t n)
 {
     if (ptr == NULL && !T.reentrant && ML_REFUSED(n, ML_DOMAIN_RAW)) return NULL;
-    if (ml_memprof_track_frees && ptr && !T.reentrant) ml_memprof_on_free(ptr);
+    if (!T.reentrant) ML_ON_FREE(ptr);
     void *p = g_orig_raw.realloc(ctx, ptr, n);
     if (p && !T.reentrant) ML_COUNT_REALLOC(ptr, p, n, ML_DOMAIN_RAW);
     return p;
@@ -908,17 +923,17 @@ int64_t ml_registered_threads(void)
  * (ml_set_track_frees), so that frees cost nothing otherwise. */
 static void h_obj_free(void *ctx, void *ptr)
 {
-    if (ptr && ml_memprof_track_frees) ml_memprof_on_free(ptr);
+    ML_ON_FREE(ptr);
     g_orig_obj.free(ctx, ptr);
 }
 static void h_mem_free(void *ctx, void *ptr)
 {
-    if (ptr && ml_memprof_track_frees) ml_memprof_on_free(ptr);
+    ML_ON_FREE(ptr);
     g_orig_mem.free(ctx, ptr);
 }
 static void h_raw_free(void *ctx, void *ptr)
 {
-    if (ptr && ml_memprof_track_frees && !T.reentrant) ml_memprof_on_free(ptr);
+    if (!T.reentrant) ML_ON_FREE(ptr);
     g_orig_raw.free(ctx, ptr);
 }
 
@@ -1002,7 +1017,8 @@ int ml_stop(void)
     PyMem_SetAllocator(PYMEM_DOMAIN_RAW, &g_orig_raw);
     PyMem_SetAllocator(PYMEM_DOMAIN_MEM, &g_orig_mem);
     PyMem_SetAllocator(PYMEM_DOMAIN_OBJ, &g_orig_obj);
-    ml_memprof_track_frees = 0;
+    g_track_frees = 0;
+    if (g_observer != NULL && g_observer->on_engine_stop != NULL) g_observer->on_engine_stop();
     numpy_unpatch_unlocked();
     g_started = 0;
 out:
@@ -1013,15 +1029,19 @@ out:
 
 int ml_is_started(void) { return g_started; }
 
+void ml_set_observer(const ml_observer_t *observer) { g_observer = observer; }
+
 int ml_set_free_hooks(int on)
 {
     int rc = ML_OK;
     PyMemAllocatorEx cur;
     PyGILState_STATE gs = PyGILState_Ensure();
     pthread_mutex_lock(&g_lock);
+    if (!on) g_track_frees = 0;   /* (hooks left in place stay inert) */
     if (!g_started) { rc = ML_ERR_NOT_STARTED; goto out; }
     PyMem_GetAllocator(PYMEM_DOMAIN_OBJ, &cur);
     if (cur.malloc != h_obj_malloc) { rc = ML_ERR_NOT_ON_TOP; goto out; }
+    if (on) g_track_frees = 1;
     g_hook_raw.free = on ? h_raw_free : g_orig_raw.free;
     g_hook_mem.free = on ? h_mem_free : g_orig_mem.free;
     g_hook_obj.free = on ? h_obj_free : g_orig_obj.free;

@@ -115,8 +115,9 @@ typedef struct {
 int ml_start(double sampling_rate, uint64_t seed);
 int ml_stop(void);
 int ml_is_started(void);
-/* Install (on=1) or remove the free hooks used by the profiler's tracking of
- * sampled blocks.  ML_ERR_NOT_ON_TOP if another hook was installed after us. */
+/* Install (on=1) or remove the free hooks that report frees to the observer
+ * (the profiler's tracking of sampled blocks).  ML_ERR_NOT_ON_TOP if another
+ * hook was installed after us (off: ours then stay in place, inert). */
 int ml_set_free_hooks(int on);
 /* Whether NumPy's default data allocator is patched (see ml_numpy_patch). */
 int ml_numpy_patched(void);
@@ -219,5 +220,26 @@ PyAPI_FUNC(int) ml_numpy_patch(void *handler);
 /* masking.c: the builtins that call Python (masked_call, bracket, the
  * signal-handler wrapper...), as a tuple in their table's order. */
 PyAPI_FUNC(PyObject *) ml_builtins(void);
+
+/* The observer of the hooks: the profiler (memprof.c) registers one, so that
+ * the sampler never calls it by name (it depends on the sampler, never the
+ * reverse).  Its functions run inside allocator hooks: they must not call the
+ * C API (beyond reading frames), allocate through PyMem, or raise. */
+#define ML_DOMAIN_RAW 0
+#define ML_DOMAIN_MEM 1
+#define ML_DOMAIN_OBJ 2
+typedef struct {
+    /* `n_samples` samples fell into the block `ptr` of `size` bytes just
+     * allocated by the current thread in `domain` (GIL held unless RAW). */
+    void (*on_sample)(void *ptr, size_t size, int64_t n_samples, int domain);
+    /* `ptr` is about to be freed or reallocated (while ml_set_free_hooks(1)). */
+    void (*on_free)(void *ptr);
+    /* The engine stops (GIL held): frees are no longer reported. */
+    void (*on_engine_stop)(void);
+} ml_observer_t;
+/* [GIL] Register the observer (NULL: none; it must stay valid for good: a hook
+ * may still read the previous one).  Frees are reported to it while the free
+ * hooks are on (ml_set_free_hooks). */
+void ml_set_observer(const ml_observer_t *observer);
 
 #endif
