@@ -251,13 +251,18 @@ def _attribute_doc(name: str) -> str | None:
 
 
 def _collect_attribute_docs(module: ModuleType) -> None:
-    """Docstrings of module constants: the string literal after ``NAME: T = value``."""
-    try:
-        source = inspect.getsource(module)
-    except (OSError, TypeError):
-        return
-    for m in re.finditer(r'^(\w+)(?::[^=\n]+)?=[^\n]*\n"""(.*?)"""', source, re.M | re.S):
-        _ATTRIBUTE_DOCS[m.group(1)] = inspect.cleandoc(m.group(2))
+    """Docstrings of module constants: the string literal after ``NAME: T = value``
+    (in a package, in any of its modules)."""
+    paths = [Path(module.__file__ or "")]
+    if hasattr(module, "__path__"):
+        paths = sorted(Path(p) for d in module.__path__ for p in Path(d).glob("*.py"))
+    for path in paths:
+        try:
+            source = path.read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r'^(\w+)(?::[^=\n]+)?=[^\n]*\n"""(.*?)"""', source, re.M | re.S):
+            _ATTRIBUTE_DOCS[m.group(1)] = inspect.cleandoc(m.group(2))
 
 
 def _first_paragraph(doc: str, anchors: set[str]) -> str:
@@ -309,6 +314,7 @@ def build() -> str:
     for title, _, names in sections:
         links = ", ".join(f"[`{n}`](#{n.lower()})" for n in names)
         lines.append(f"- **{title}**: {links}")
+
     def anchor_in(modname: str, name: str) -> str:
         """A name that is also one of ``memprof_limits``' gets its module's prefix."""
         prefix = modname.replace(".", "-") + "-" if name in exported else ""
@@ -333,9 +339,7 @@ def build() -> str:
         if doc:
             lines += [_demote(markdown(doc, anchors)), ""]
         for name in getattr(module, "__all__", []):
-            lines += document(
-                name, getattr(module, name), anchors, anchor=anchor_in(modname, name)
-            )
+            lines += document(name, getattr(module, name), anchors, anchor=anchor_in(modname, name))
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
 

@@ -41,8 +41,10 @@ from __future__ import annotations
 import decimal
 import math
 import numbers
+import statistics as _statistics
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from functools import lru_cache
 from typing import overload
 
 __all__ = [
@@ -352,3 +354,91 @@ def min_sampling_rate(safe_bytes: int, target: float, limit_ratio: float = 10.0)
     while binomial_tail(n, min(1.0, k / (ratio * n)), k) > t:
         k += 1  # terminates: at k = n + 1 the tail is 0
     return min(1.0, k / (ratio * n))
+
+
+# --------------------------------------------------------------------------
+# The profiler's estimators (memprof_limits.memprof: Snapshot, poisson_interval).
+
+
+def _inclusion_probability(size_bytes: int, rate: float) -> float:
+    """P[an allocation of size_bytes gets at least one sample]."""
+    if rate >= 1.0:
+        return 1.0
+    return -math.expm1(max(size_bytes, 1) * math.log1p(-rate))
+
+
+def _gamma_p(a: float, x: float) -> float:
+    """Regularized lower incomplete gamma function P(a, x), for a > 0."""
+    if x <= 0.0:
+        return 0.0
+    log_prefix = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1.0:  # series
+        term = total = 1.0 / a
+        n = a
+        for _ in range(100_000):
+            n += 1.0
+            term *= x / n
+            total += term
+            if term < total * 1e-16:
+                break
+        return min(1.0, total * math.exp(log_prefix))
+    tiny = 1e-300  # continued fraction for Q(a, x), modified Lentz
+    b = x + 1.0 - a
+    c = 1.0 / tiny
+    d = 1.0 / b
+    h = d
+    for i in range(1, 100_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-16:
+            break
+    return max(0.0, 1.0 - math.exp(log_prefix) * h)
+
+
+def _gamma_quantile(a: float, p: float) -> float:
+    """x such that P(a, x) = p (bisection)."""
+    lo, hi = 0.0, a + 10.0 * math.sqrt(a) + 50.0
+    while _gamma_p(a, hi) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        if _gamma_p(a, mid) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return (lo + hi) / 2.0
+
+
+@lru_cache(maxsize=4096)
+def poisson_interval(k: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Garwood) confidence interval for the mean of a Poisson variable
+    observed at ``k``: ``(Gamma^-1(a/2; k), Gamma^-1(1-a/2; k+1))``.
+
+    Above 1000 the Wilson-Hilferty approximation is used (relative error
+    below 1e-4).
+
+    >>> lo, hi = poisson_interval(0)
+    >>> lo, round(hi, 3)
+    (0.0, 3.689)
+    """
+    if k < 0 or not 0.0 < level < 1.0:
+        raise ValueError(f"poisson_interval: need k >= 0 and 0 < level < 1, got {k}, {level}")
+    alpha = 1.0 - level
+    if k > 1000:
+        z = _statistics.NormalDist().inv_cdf(1.0 - alpha / 2.0)
+
+        def wh(n: float, sign: float) -> float:
+            return n * (1.0 - 1.0 / (9.0 * n) + sign * z / (3.0 * math.sqrt(n))) ** 3
+
+        return (wh(k, -1.0), wh(k + 1.0, +1.0))
+    low = 0.0 if k == 0 else _gamma_quantile(float(k), alpha / 2.0)
+    return (low, _gamma_quantile(float(k + 1), 1.0 - alpha / 2.0))

@@ -52,7 +52,7 @@ def prototypes() -> dict[str, tuple[str, list[str]]]:
 def declarations() -> list[tuple[str, str, list[str], str]]:
     """(name, restype, argtypes, where) of every native_function(...) call in the package."""
     calls = []
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)
@@ -62,7 +62,8 @@ def declarations() -> list[tuple[str, str, list[str], str]]:
                 and isinstance(node.args[0], ast.Constant)
             ):
                 restype, *argtypes = (ast.unparse(a) for a in node.args[1:])
-                calls.append((node.args[0].value, restype, argtypes, f"{path.name}:{node.lineno}"))
+                where = f"{path.relative_to(SRC)}:{node.lineno}"
+                calls.append((node.args[0].value, restype, argtypes, where))
     return calls
 
 
@@ -108,10 +109,10 @@ def test_a_wrong_declaration_is_caught() -> None:
 
 def test_one_module_imports_the_compiled_module() -> None:
     importers = []
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
                 names = [node.module or ""] + [a.name for a in node.names if not node.module]
                 if "_native" in names:
-                    importers.append(path.name)
+                    importers.append(str(path.relative_to(SRC)))
     assert importers == ["_sampler.py"], importers

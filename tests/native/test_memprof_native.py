@@ -1,6 +1,6 @@
 """The profiler's C side (native/memprof.c) through its raw API.
 
-The [GIL] functions are reached through ctypes.PyDLL, as memprof.py does;
+The [GIL] functions are reached through ctypes.PyDLL, as memprof_limits.memprof does;
 the counters through cffi.  These tests check the record format, that every
 strong reference taken in a hook is released, the table of tracked blocks,
 the error codes, and that concurrent threads (RAW hooks without the GIL,
