@@ -112,11 +112,12 @@ from traitlets import Bool, Float, Type, Unicode, default
 
 import memprof_limits as ml
 from memprof_limits._defaults import start_limits
+from memprof_limits._process import rss_bytes
 from memprof_limits._rollback import describe_exception, display_name
 
 from . import __version__
 from .magics import FuelMagics, LimitsMagics, SessionSettings, cell_kind, split_cell_headers
-from .shell import MemprofLimitsShell, _rss_bytes
+from .shell import MemprofLimitsShell
 
 __all__ = ["SUBSHELLS_REFUSED", "MemprofLimitsKernel"]
 
@@ -596,7 +597,7 @@ class MemprofLimitsKernel(IPythonKernel):
             if outcome.reason == "memory" and rss_at_interrupt is not None:
                 # What the rollback itself released counts too (the runner
                 # measures only from after the rollback).
-                now = _rss_bytes()
+                now = rss_bytes()
                 if now is not None:
                     outcome.freed_bytes = max(outcome.freed_bytes or 0, rss_at_interrupt - now)
             reply = self._interrupted_reply(reply, outcome, frames)

@@ -104,6 +104,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from traitlets import Type, validate
 
 import memprof_limits as ml
+from memprof_limits._frames import user_traceback
+from memprof_limits._process import rss_bytes
 from memprof_limits._rollback import describe_exception, display_name
 
 from .magics import UNDO_ALONE, misplaced_undo, split_cell_headers
@@ -547,7 +549,7 @@ class MemprofLimitsShell(ZMQInteractiveShell):
         short traceback of the user's frames (IPython's plain format: the
         verbose one costs tens of milliseconds per frame) and the resident
         memory now."""
-        self._interrupt_rss = _rss_bytes()
+        self._interrupt_rss = rss_bytes()
         tb = _user_traceback(exc.__traceback__, code_obj, interrupt=True)
         self._interrupt_frames = self.plain_traceback(type(exc), exc, tb)[:-1] if tb else []
         if cell.outcome.reason == "memory":
@@ -676,36 +678,8 @@ def _user_traceback(
     kernel's and the library's frames above the user's code, nor, for an
     interrupt, the library's and the kernel's frames below it (where it was
     delivered: the library's signal handler, a masked ``print`` returning)."""
-    while tb is not None and tb.tb_frame.f_code is not code_obj:
-        tb = tb.tb_next
-    if tb is None:
-        return None
-    if not interrupt:
-        return tb
-    entries = []
-    while tb is not None:
-        entries.append(tb)
-        tb = tb.tb_next
-    while len(entries) > 1 and entries[-1].tb_frame.f_code.co_filename.startswith(_OUR_DIRS):
-        entries.pop()
-    if entries[-1].tb_next is None:
-        return entries[0]
-    rebuilt: TracebackType | None = None
-    for entry in reversed(entries):
-        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    return rebuilt
+    return user_traceback(tb, _is_ours, start=code_obj, trim_end=interrupt)
 
 
-def _rss_bytes() -> int | None:
-    """Resident memory of the process now (Linux), or None."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-try:
-    _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
-    _PAGE_SIZE = 4096
+def _is_ours(filename: str) -> bool:
+    return filename.startswith(_OUR_DIRS)

@@ -6,10 +6,10 @@ import os
 import runpy
 import sys
 import traceback
-from types import TracebackType
 from typing import Final, TextIO
 
 import memprof_limits as ml
+from memprof_limits._frames import user_traceback
 
 __all__ = [
     "EXIT_ALLOCATIONS",
@@ -90,7 +90,7 @@ def print_user_exception(
     machinery's: the whole traceback is printed.  ``frames=False`` prints
     no frames at all (a ``SyntaxError`` from compiling a cell, shown as
     Python shows it)."""
-    tb = _user_tb(exc.__traceback__)
+    tb = user_traceback(exc.__traceback__, _is_internal)
     if tb is None and frames:
         tb = exc.__traceback__
     elif not frames:
@@ -98,12 +98,6 @@ def print_user_exception(
     out = file or sys.stderr
     out.write("".join(traceback.format_exception(type(exc), exc, tb)))
     out.flush()
-
-
-def _user_tb(tb: TracebackType | None) -> TracebackType | None:
-    while tb is not None and _is_internal(tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
-    return tb
 
 
 def print_interrupt(outcome: ml.CellOutcome, file: TextIO | None = None) -> None:
@@ -114,16 +108,9 @@ def print_interrupt(outcome: ml.CellOutcome, file: TextIO | None = None) -> None
     back: ...``."""
     out = file or sys.stderr
     exc = outcome.exception
-    frames = [
-        (frame, lineno)
-        for frame, lineno in traceback.walk_tb(exc.__traceback__ if exc is not None else None)
-    ]
-    while frames and _is_internal(frames[0][0].f_code.co_filename):
-        frames.pop(0)
-    while frames and _is_internal(frames[-1][0].f_code.co_filename):
-        frames.pop()
-    if frames:
+    tb = user_traceback(exc.__traceback__ if exc is not None else None, _is_internal, trim_end=True)
+    if tb is not None:
         out.write("Traceback (most recent call last):\n")
-        out.write("".join(traceback.StackSummary.extract(iter(frames)).format()))
+        out.write("".join(traceback.StackSummary.extract(traceback.walk_tb(tb)).format()))
     out.write(f"{outcome.ename}: {outcome.interrupt_line()}\n")
     out.flush()

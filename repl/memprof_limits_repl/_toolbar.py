@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import resource
 
 import memprof_limits as ml
+from memprof_limits._process import rss_bytes
 
 from ._session import Session
 
 __all__ = ["current_rss_bytes", "format_seconds", "toolbar_text"]
 
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
 
 def current_rss_bytes() -> int:
-    """The process's resident memory now (``/proc/self/statm``), or its peak
-    (``getrusage``) where ``/proc`` is missing."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE_SIZE
-    except (OSError, IndexError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's resident memory now, or its peak (``getrusage``) where
+    that cannot be read."""
+    rss = rss_bytes()
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def format_seconds(seconds: float) -> str:

@@ -50,7 +50,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["SAVED_VARIABLE", "pin_hash_seed"]
+__all__ = ["SAVED_VARIABLE", "pin_hash_seed", "rss_bytes"]
 
 #: Private variable: the state of ``PYTHONHASHSEED`` before the re-execution
 #: (``unset``, or ``set:`` followed by the value).  Never seen by user code.
@@ -97,3 +97,13 @@ def _restore(saved: str) -> None:
         os.environ["PYTHONHASHSEED"] = saved[len(_SET) :]
     else:
         os.environ.pop("PYTHONHASHSEED", None)
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory now (the engine's own reading of
+    ``/proc/self/statm``), or ``None`` where it cannot be read.  For the front
+    ends' displays (the kernel's interrupt message, the REPL's toolbar)."""
+    from . import _sampler  # (not at import: pin_hash_seed runs before the engine loads)
+
+    rss = _sampler.rss_bytes()
+    return rss if rss >= 0 else None
