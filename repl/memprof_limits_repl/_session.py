@@ -72,7 +72,6 @@ a command, and commands are not cells (they do not become "the last cell").
 from __future__ import annotations
 
 import builtins
-import re
 import signal
 import sys
 import textwrap
@@ -120,7 +119,8 @@ COMMANDS: dict[str, str] = {
     " (once)",
     "%rollback": "%rollback [on|off]   show or set rollback of the namespace on interrupt",
     "%last": "%last   allocations, peak memory and time of the last cell",
-    "%memprof": "%memprof [-n TOP] [-r RATE] STATEMENT   run STATEMENT as a cell under the"
+    "%memprof": "%memprof [-n TOP] [-r RATE] [-f FRAMES] [--track] [--speedscope PATH]"
+    " [--collapsed PATH] STATEMENT   run STATEMENT as a cell under the"
     " allocation profiler; show the TOP lines (10) that allocated most",
     "%help": "%help   this list",
 }
@@ -514,28 +514,29 @@ class Session:
         return "command"
 
     def _cmd_memprof(self, arg: str) -> CellStatus:
-        """``%memprof [-n TOP] [-r RATE] STATEMENT``: run STATEMENT as a cell
-        (same limits, rollback and Ctrl+C) under the allocation profiler,
-        then print the lines that allocated most."""
-        try:
-            top, rate, statement = _parse_memprof(arg)
-        except ValueError as e:
-            print(f"%memprof: {e}\nusage: {COMMANDS['%memprof']}", file=sys.stderr)
-            return "error"
+        """``%memprof [options] STATEMENT`` (the kernel magic's options): run
+        STATEMENT as a cell (same limits, rollback and Ctrl+C) under the
+        allocation profiler, then print the lines that allocated most."""
         try:
             from memprof_limits import memprof
+            from memprof_limits.memprof._magic import parse_magic_options
         except Exception as e:  # an older memprof_limits, or a build without it
             print(f"%memprof: the profiler is not available ({e})", file=sys.stderr)
+            return "error"
+        try:
+            options = parse_magic_options(arg)
+            if not options.statement:
+                raise ValueError("no statement to profile")
+        except ValueError as e:
+            print(f"%memprof: {e}\nusage: {COMMANDS['%memprof']}", file=sys.stderr)
             return "error"
         if memprof.is_tracing():
             print("%memprof: the profiler is already running", file=sys.stderr)
             return "error"
-        if rate is None:
-            rate = max(memprof.MAGIC_DEFAULT_RATE, ml.sampling_rate())
         try:
-            profiling = memprof.tracing(sampling_rate=rate)
+            profiling = memprof.tracing(options.rate, options.frames, options.track)
             with profiling as session:
-                report = self.run_cell(statement)
+                report = self.run_cell(options.statement)
         except ValueError as e:  # a rate below the limits' rate
             print(f"%memprof: {e}", file=sys.stderr)
             return "error"
@@ -546,7 +547,8 @@ class Session:
             cell_file = f"<cell {self.last_cell_number}>"
             mine = snapshot.filter(lambda s: any(f.filename == cell_file for f in s.traceback))
             sys.stdout.flush()
-            print(mine.format_top(limit=top))
+            print(mine.format_top(limit=options.top))
+            options.write_exports(mine)
         return report.status
 
     def _cmd_undo(self, arg: str) -> CellStatus:
@@ -570,35 +572,6 @@ class Session:
             " are rolled back) or discards the input, Ctrl+D on an empty line exits."
         )
         return "command"
-
-
-def _parse_memprof(arg: str) -> tuple[int, float | None, str]:
-    """``-n TOP``, ``-r RATE`` (``1/8000`` or ``0.000125``) and the statement."""
-    top, rate = 10, None
-    words = arg.split(None, 2)
-    while len(words) >= 2 and words[0] in ("-n", "-r"):
-        option, value = words[0], words[1]
-        rest = words[2] if len(words) > 2 else ""
-        try:
-            if option == "-n":
-                top = int(value)
-            else:
-                num, _, den = value.partition("/")
-                rate = float(num) / float(den) if den else float(num)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{option}: cannot read {value!r}") from None
-        words = rest.split(None, 2) if rest else []
-        arg = rest
-    if arg.startswith("-- "):
-        arg = arg[3:]
-    elif re.match(r"--?[A-Za-z]", arg):
-        option = arg.split()[0]
-        raise ValueError(
-            f"unknown option {option} (write -- before a statement that starts with -)"
-        )
-    if not arg.strip():
-        raise ValueError("no statement to profile")
-    return top, rate, arg.strip()
 
 
 def _input(prompt: str) -> str:

@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from memprof_limits_repl import Session
@@ -218,7 +219,7 @@ def _profiler() -> object | None:
 
 
 def test_percent_memprof_profiles_a_cell_under_its_limits(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     memprof = _profiler()
     if memprof is None:
@@ -244,6 +245,10 @@ def test_percent_memprof_profiles_a_cell_under_its_limits(
     assert s.run_cell("%memprof -r 1/1000000000 x = 1").status == "error"  # below the engine's
     err = capsys.readouterr().err
     assert "unknown option --bogus" in err and "lower than the rate" in err, err
+    # The kernel magic's options, parsed by the same function: the exports are written.
+    collapsed = tmp_path / "cell.collapsed"
+    assert s.run_cell(f"%memprof -r 1/1000 -f 8 --collapsed {collapsed} z = f(1000)").status == "ok"
+    assert collapsed.read_text().strip(), "no stack written"
 
 
 def test_percent_memprof_says_when_the_profiler_is_missing(

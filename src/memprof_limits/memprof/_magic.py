@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ast
 import linecache
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
 
 from .. import _sampler
 from .._units import format_bytes
@@ -144,42 +145,85 @@ def _parse_magic_line(line: str) -> tuple[dict[str, str], str]:
                 raise ValueError(f"option {name} needs a value")
             opts[_MAGIC_VALUES[name]] = value
         else:
-            raise ValueError(f"unknown option {name!r} (use -- before a statement starting with -)")
+            raise ValueError(
+                f"unknown option {name} (write -- before a statement that starts with -)"
+            )
         rest = tail.strip()
     return opts, rest
+
+
+class MagicOptions(NamedTuple):
+    """The options of ``%memprof`` -- in the kernel's magic and the REPL's
+    command alike (:func:`parse_magic_options`)."""
+
+    statement: str
+    top: int
+    rate: float  # per byte
+    frames: int
+    track: bool
+    speedscope: str | None
+    collapsed: str | None
+
+    def write_exports(self, snap: Snapshot) -> None:
+        """Write the ``--speedscope`` and ``--collapsed`` files asked for."""
+        if self.speedscope is not None:
+            snap.to_speedscope(self.speedscope)
+            print(f"speedscope profile written to {self.speedscope}")
+        if self.collapsed is not None:
+            snap.to_collapsed(self.collapsed)
+            print(f"collapsed stacks written to {self.collapsed}")
+
+
+def parse_magic_options(line: str) -> MagicOptions:
+    """``[-n TOP] [-r RATE] [-f FRAMES] [--track] [--speedscope PATH]
+    [--collapsed PATH] [--] statement``; ``ValueError`` says what is wrong.
+    The rate defaults to :data:`MAGIC_DEFAULT_RATE`, or the engine's if higher.
+
+    >>> parse_magic_options("-n 3 -r 1/1000 x = [0] * 10").rate
+    0.001
+    """
+    opts, statement = _parse_magic_line(line)
+
+    def read(name: str, option: str, convert: Callable[[str], Any]) -> Any:
+        try:
+            return convert(opts[name])
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{option}: cannot read {opts[name]!r}") from None
+
+    return MagicOptions(
+        statement=statement,
+        top=read("top", "-n", int) if "top" in opts else 10,
+        rate=read("rate", "-r", _parse_rate)
+        if "rate" in opts
+        else max(MAGIC_DEFAULT_RATE, _sampler.sampling_rate()),
+        frames=read("frames", "-f", int) if "frames" in opts else DEFAULT_MAX_FRAMES,
+        track="track" in opts,
+        speedscope=opts.get("speedscope"),
+        collapsed=opts.get("collapsed"),
+    )
 
 
 def memprof_magic(shell: Any, line: str, cell: str | None = None) -> Any:
     """``%memprof`` / ``%%memprof`` in ``shell`` (see :func:`load_ipython_extension`)."""
     global _last_magic_snapshot
     try:
-        opts, stmt = _parse_magic_line(line)
-        top = int(opts.get("top", 10))
-        rate = (
-            _parse_rate(opts["rate"])
-            if "rate" in opts
-            else max(MAGIC_DEFAULT_RATE, _sampler.sampling_rate())
-        )
-        frames = int(opts.get("frames", DEFAULT_MAX_FRAMES))
+        options = parse_magic_options(line)
     except ValueError as e:
         print(f"%memprof: {e}\n{_MAGIC_USAGE}")
         return None
-    source = cell if cell is not None else stmt
+    source = cell if cell is not None else options.statement
     if not source.strip():
         print(_MAGIC_USAGE)
         return None
     if is_tracing():
         print("%memprof: the profiler is already running (memprof.stop() it first)")
         return None
-    value, snap = _run_profiled(shell, source, rate=rate, max_frames=frames, track="track" in opts)
+    value, snap = _run_profiled(
+        shell, source, rate=options.rate, max_frames=options.frames, track=options.track
+    )
     _last_magic_snapshot = snap
-    _print_report(snap, f"{_CELL_PREFIX}{_magic_counter}>", top)
-    if "speedscope" in opts:
-        snap.to_speedscope(opts["speedscope"])
-        print(f"speedscope profile written to {opts['speedscope']}")
-    if "collapsed" in opts:
-        snap.to_collapsed(opts["collapsed"])
-        print(f"collapsed stacks written to {opts['collapsed']}")
+    _print_report(snap, f"{_CELL_PREFIX}{_magic_counter}>", options.top)
+    options.write_exports(snap)
     return value
 
 
