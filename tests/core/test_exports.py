@@ -100,3 +100,17 @@ def test_each_entry_point_works_as_the_first_use(name: str, python: Callable[...
     used before any scope found the C side without its callbacks: SystemError)."""
     proc = python("import memprof_limits as ml\n" + FIRST_USES[name] + "\nprint('ok')")
     assert proc.stdout == "ok\n", proc
+
+
+def test_the_lazy_table_and_the_type_checkers_imports_agree() -> None:
+    """``__init__`` says twice where each name lives (``_WHERE`` for the loader, imports for
+    type checkers): both name the same module for every name of ``__all__``."""
+    tree = ast.parse((ROOT / "src" / "memprof_limits" / "__init__.py").read_text())
+    typed = {
+        alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+        for alias in node.names
+    }
+    assert typed == ml._WHERE  # type: ignore[attr-defined]
+    assert sorted(ml._WHERE) == sorted(ml.__all__)  # type: ignore[attr-defined]
