@@ -24,6 +24,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 
 import memprof_limits as ml
+from memprof_limits._cells import split_cell_headers
 from memprof_limits._defaults import DefaultMemoryLimit, is_default_memory
 from memprof_limits._rollback import display_name
 
@@ -36,33 +37,8 @@ __all__ = [
     "split_cell_limits",
 ]
 
-HEADERS = ("limits", "count_allocations")
-_BLANK_LINES = re.compile(r"(?:[ \t]*\n)*")
-_HEADER = re.compile(r"[ \t]*%%(limits|count_allocations)(?:[ \t]+([^\n]*))?[ \t]*(?:\n|\Z)")
 _LIMITS_LINE = re.compile(r"%limits(?:\s|\Z)")
 _UNDO_LINE = re.compile(r"%undo(?:\s|\Z)")
-
-
-def split_cell_headers(code: str, names: tuple[str, ...] = HEADERS) -> tuple[dict[str, str], str]:
-    """The header lines that start a cell -- ``%%limits SPEC`` and
-    ``%%count_allocations [N]``, each at most once, in either order (only
-    those of ``names``) -- as ``{name: argument}``, and the rest of the cell.
-
-    >>> split_cell_headers("%%count_allocations 5\\n%%limits memory=1GB\\nx = 1")
-    ({'count_allocations': '5', 'limits': 'memory=1GB'}, 'x = 1')
-    >>> split_cell_headers("x = 1")
-    ({}, 'x = 1')
-    """
-    start = _BLANK_LINES.match(code)
-    pos = start.end() if start is not None else 0
-    headers: dict[str, str] = {}
-    while True:
-        m = _HEADER.match(code, pos)
-        if m is None or m.group(1) in headers or m.group(1) not in names:
-            break
-        headers[m.group(1)] = (m.group(2) or "").strip()
-        pos = m.end()
-    return (headers, code[pos:]) if headers else ({}, code)
 
 
 def split_cell_limits(code: str) -> tuple[str | None, str]:

@@ -82,6 +82,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
 import memprof_limits as ml
+from memprof_limits._cells import split_cell_headers
 from memprof_limits._defaults import DefaultMemoryLimit, is_default_memory
 from memprof_limits._rollback import describe_exception, display_name
 
@@ -228,28 +229,24 @@ class Session:
         limits: ml.CellLimits | None = None
         runs: int | None = None
         headers: list[str] = []
-        seen: set[str] = set()
         if stripped.startswith("%%"):
-            text = stripped
-            while text.lstrip(" \t").startswith("%%"):
-                header, _, text = text.lstrip(" \t").partition("\n")
-                name, _, spec = header[2:].partition(" ")
-                if name in seen:
+            found, text = split_cell_headers(stripped)  # (read as the kernel reads them)
+            if text.lstrip().startswith("%%"):  # a header given twice, or another %% line
+                name = text.lstrip()[2:].split(None, 1)[0] if text.lstrip()[2:].strip() else ""
+                if name in found:
                     return self._command_error(f"%%{name}: given twice at the top of the cell")
-                seen.add(name)
-                if name == "limits":
-                    try:
-                        limits = ml.CellLimits.parse(spec, self.runner.limits)
-                    except Exception as e:  # ValueError; anything else is reported the same
-                        return self._command_error(f"%%limits: {display_name(e)}")
-                elif name == "count_allocations":
-                    try:
-                        runs = ml.AllocationCounter.parse_runs(spec)
-                    except ValueError as e:
-                        return self._command_error(f"%%count_allocations: {display_name(e)}")
-                else:
-                    return self._command_error(f"unknown cell command %%{name}; try %help")
-                headers.append(header)
+                return self._command_error(f"unknown cell command %%{name}; try %help")
+            if "limits" in found:
+                try:
+                    limits = ml.CellLimits.parse(found["limits"], self.runner.limits)
+                except Exception as e:  # ValueError; anything else is reported the same
+                    return self._command_error(f"%%limits: {display_name(e)}")
+            if "count_allocations" in found:
+                try:
+                    runs = ml.AllocationCounter.parse_runs(found["count_allocations"])
+                except ValueError as e:
+                    return self._command_error(f"%%count_allocations: {display_name(e)}")
+            headers = stripped[: len(stripped) - len(text)].splitlines()
         elif stripped.startswith("%"):
             return self._run_command(stripped)
         text = textwrap.dedent(text)

@@ -389,6 +389,38 @@ def canonical_collector() -> None:
 _CPYTHON_FROZEN = _FREEZE_COUNT_AT_IMPORT if sys.version_info[:2] == (3, 12) else 0
 
 
+# -- cell header lines (both front ends) --------------------------------------------------
+
+HEADERS = ("limits", "count_allocations")
+_BLANK_LINES = re.compile(r"(?:[ \t]*\n)*")
+_HEADER = re.compile(r"[ \t]*%%(limits|count_allocations)(?:[ \t]+([^\n]*))?[ \t]*(?:\n|\Z)")
+
+
+def split_cell_headers(code: str, names: tuple[str, ...] = HEADERS) -> tuple[dict[str, str], str]:
+    """The header lines that start a cell -- ``%%limits SPEC`` and
+    ``%%count_allocations [N]``, each at most once, in either order (only
+    those of ``names``) -- as ``{name: argument}``, and the rest of the cell:
+    the kernel and the REPL read cells alike.  A header given twice, or
+    another ``%%`` line, ends the headers: the rest starts with it (each
+    front end says what that is).
+
+    >>> split_cell_headers("%%count_allocations 5\\n%%limits memory=1GB\\nx = 1")
+    ({'count_allocations': '5', 'limits': 'memory=1GB'}, 'x = 1')
+    >>> split_cell_headers("x = 1")
+    ({}, 'x = 1')
+    """
+    start = _BLANK_LINES.match(code)
+    pos = start.end() if start is not None else 0
+    headers: dict[str, str] = {}
+    while True:
+        m = _HEADER.match(code, pos)
+        if m is None or m.group(1) in headers or m.group(1) not in names:
+            break
+        headers[m.group(1)] = (m.group(2) or "").strip()
+        pos = m.end()
+    return (headers, code[pos:]) if headers else ({}, code)
+
+
 class Cell:
     """One cell being run; see :meth:`CellRunner.cell`."""
 
