@@ -577,8 +577,13 @@ def _stopped(
     memory they hold goes now, not when Dask drops the error."""
     assert report.reason is not None
     where = "".join(traceback.format_exception(exc))
-    if exc.__traceback__ is not None:
-        traceback.clear_frames(exc.__traceback__)
+    chained: BaseException | None = exc  # (a refused block's MemoryError is the context)
+    seen: set[int] = set()
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        if chained.__traceback__ is not None:
+            traceback.clear_frames(chained.__traceback__)
+        chained = chained.__cause__ or chained.__context__
     if report.reason == "timeout":
         message = f"timeout of {task.timeout_s:g} s reached"
     elif report.reason == "cancelled":
