@@ -101,13 +101,6 @@ def test_token_already_set_gives_error_without_running() -> None:
     assert ran == []
 
 
-def test_results_are_frozen_dataclasses() -> None:
-    ok = ml.Ok(1)
-    with pytest.raises(AttributeError):
-        ok.value = 2  # type: ignore[misc]
-    assert ml.Ok(1) == ml.Ok(1) and ml.Error(ok_exc := ValueError()) == ml.Error(ok_exc)
-
-
 def test_interrupted_is_not_an_exception() -> None:
     assert issubclass(ml.Interrupted, BaseException)
     assert not issubclass(ml.Interrupted, Exception)
