@@ -13,11 +13,14 @@ ARGS ?=
 # The developers' interpreter: the first version's venv (made by `make build`).
 PY ?= .venvs/$(firstword $(PYVERSIONS) 3.11)/bin/python
 
-.PHONY: help build build-all test test-all lint regrtest regrtest-baseline bench valgrind clean distclean
+.PHONY: help deps build build-all test test-all lint regrtest regrtest-baseline bench valgrind clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+deps: ## what the tests need and nothing else: scripts/test.sh's Debian packages (apt-get; sudo -n if not root) and every version's venv
+	bash scripts/test.sh --build-only
 
 build: ## (re)install editable in the first version's venv (.venvs/3.11), recompiling the sampler
 	bash scripts/test.sh --quick --build-only
