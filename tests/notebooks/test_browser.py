@@ -189,9 +189,7 @@ def test_interrupt_button_rolls_the_cell_back(jupyterlab: str, tmp_path: Path) -
             expect(page.locator(".jp-Notebook-ExecutionIndicator")).to_have_attribute(
                 "data-status", "idle", timeout=90_000
             )
-            expect(page.locator(".jp-KernelName").first).to_have_text(
-                "Python 3 (memprof-limits)"
-            )
+            expect(page.locator(".jp-KernelName").first).to_have_text("Python 3 (memprof-limits)")
             cells = page.locator(".jp-Notebook .jp-Cell")
             expect(cells).to_have_count(3)
 
