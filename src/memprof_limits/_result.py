@@ -13,7 +13,40 @@ from types import GenericAlias
 __all__ = ["Error", "Ok", "Result"]
 
 
-class Ok:
+class _Frozen:
+    """An immutable record of one field (``__match_args__[0]``), shown,
+    compared and hashed as a frozen dataclass would be."""
+
+    __slots__ = ()
+    __match_args__: tuple[str]
+
+    def __repr__(self) -> str:
+        name = self.__match_args__[0]
+        return f"{type(self).__name__}({name}={getattr(self, name)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        name = self.__match_args__[0]
+        return (getattr(self, name),) == (getattr(other, name),)  # (as a dataclass)
+
+    def __hash__(self) -> int:
+        return hash((getattr(self, self.__match_args__[0]),))
+
+    def __reduce__(self) -> tuple[type, tuple[object]]:
+        # (pickle and copy would restore the slot with setattr, which refuses)
+        return type(self), (getattr(self, self.__match_args__[0]),)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        kind = type(self).__name__
+        raise AttributeError(f"cannot assign to field {name!r} ({kind} is immutable)")
+
+    def __delattr__(self, name: str) -> None:
+        kind = type(self).__name__
+        raise AttributeError(f"cannot delete field {name!r} ({kind} is immutable)")
+
+
+class Ok(_Frozen):
     """The task finished and its limit was not reached (immutable).
 
     >>> match Ok(3):
@@ -28,25 +61,8 @@ class Ok:
     def __init__(self, value: object) -> None:
         object.__setattr__(self, "value", value)
 
-    def __repr__(self) -> str:
-        return f"Ok(value={self.value!r})"
 
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return (self.value,) == (other.value,)  # (as a dataclass)
-
-    def __hash__(self) -> int:
-        return hash((self.value,))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} (Ok is immutable)")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r} (Ok is immutable)")
-
-
-class Error:
+class Error(_Frozen):
     """The task's limit was reached.  ``exc`` is the last exception that
     escaped the task, or the library's interrupt if none did (the task
     swallowed it and returned)."""
@@ -56,23 +72,6 @@ class Error:
 
     def __init__(self, exc: BaseException) -> None:
         object.__setattr__(self, "exc", exc)
-
-    def __repr__(self) -> str:
-        return f"Error(exc={self.exc!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return (self.exc,) == (other.exc,)
-
-    def __hash__(self) -> int:
-        return hash((self.exc,))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"cannot assign to field {name!r} (Error is immutable)")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r} (Error is immutable)")
 
 
 Result = Ok | Error

@@ -34,3 +34,14 @@ def test_results_match_by_position() -> None:
         return "neither"
 
     assert describe(ml.Ok(3)) == "ok 3" and describe(ml.Error(KeyError())) == "error KeyError"
+
+
+def test_results_pickle_and_copy() -> None:
+    """As the frozen dataclasses did (a slot restored by setattr would be refused)."""
+    import copy
+    import pickle
+
+    for result in (ml.Ok([1, 2]), ml.Error(ValueError("x"))):
+        for again in (pickle.loads(pickle.dumps(result)), copy.copy(result), copy.deepcopy(result)):
+            assert type(again) is type(result) and repr(again) == repr(result)
+    assert pickle.loads(pickle.dumps(ml.Ok(3))) == ml.Ok(3)
